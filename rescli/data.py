@@ -1,0 +1,410 @@
+"""From a folder on disk to batches: scan, check, split, transform, load.
+
+Two layouts are understood:
+  DATA/<class>/<images>                      -> a seeded, stratified validation split is made in memory
+  DATA/train/<class>/… + DATA/val|valid|validation/<class>/… (+ optional DATA/test/<class>/…)
+Nothing is ever copied, moved or written into DATA.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from rescli.errors import RescliError, UsageError
+from rescli.images import ImageInfo, cache_file_for, check_images, is_clutter, is_hidden, load_rgb, sniff_format
+
+SPLIT_ALIASES = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation"),
+    "test": ("test", "testing"),
+}
+AUGMENTS = ("none", "light", "strong")
+
+
+# --- scanning -----------------------------------------------------------------------------------
+
+@dataclass
+class ClassFolderScan:
+    """What one directory of class folders holds."""
+
+    root: Path
+    files: dict[str, list[Path]]  # class name -> image files (content-sniffed), sorted
+    ignored: list[Path] = field(default_factory=list)  # non-images that are not well-known clutter
+    empty: list[str] = field(default_factory=list)  # sub-folders without a single image
+
+
+def _walk_files(folder: Path) -> Iterable[Path]:
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        # Hidden and clutter folders (.git, __MACOSX, .ipynb_checkpoints) are never data.
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d) and not is_clutter(d))
+        for name in sorted(filenames):
+            yield Path(dirpath) / name
+
+
+def scan_class_folders(root: Path) -> ClassFolderScan:
+    scan = ClassFolderScan(root=root, files={})
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as exc:
+        raise RescliError(f"{root}: cannot read folder ({exc.strerror or exc})") from None
+    for entry in entries:
+        if is_hidden(entry.name) or is_clutter(entry.name):
+            continue
+        if entry.is_file():
+            # A loose file beside the class folders belongs to no class.
+            scan.ignored.append(entry)
+            continue
+        if not entry.is_dir():
+            continue
+        images: list[Path] = []
+        for path in _walk_files(entry):
+            if is_hidden(path.name) or is_clutter(path.name):
+                continue
+            (images if sniff_format(path) else scan.ignored).append(path)
+        if images:
+            scan.files[entry.name] = images
+        else:
+            scan.empty.append(entry.name)
+    return scan
+
+
+def find_split_folders(root: Path) -> dict[str, Path]:
+    """Map train/val/test to the sub-folders of ``root`` named like them (any case)."""
+    found: dict[str, Path] = {}
+    try:
+        children = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    except OSError:
+        return found
+    for split, aliases in SPLIT_ALIASES.items():
+        for alias in aliases:
+            if alias in children:
+                found[split] = children[alias]
+                break
+    return found
+
+
+@dataclass
+class DatasetIndex:
+    """Everything known about a data folder: classes, samples per split, and what was left out."""
+
+    root: Path
+    layout: str  # "class-folders" | "split-folders"
+    classes: list[str]
+    splits: dict[str, list[tuple[str, int]]]  # split -> [(absolute path, class index)]
+    ignored: list[str] = field(default_factory=list)  # relative POSIX paths
+    empty_classes: list[str] = field(default_factory=list)
+    broken: dict[str, str] = field(default_factory=dict)  # relative path -> reason
+    infos: dict[str, ImageInfo] = field(default_factory=dict)  # absolute path -> check result
+    split_files: dict[str, dict[str, list[Path]]] = field(default_factory=dict)  # split -> class -> files
+
+    def rel(self, path: str | Path) -> str:
+        try:
+            return Path(path).relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def counts(self, split: str) -> dict[str, int]:
+        out = {c: 0 for c in self.classes}
+        for _, label in self.splits.get(split, []):
+            out[self.classes[label]] += 1
+        return out
+
+
+def scan_dataset(
+    root: str | os.PathLike,
+    *,
+    val_split: float = 0.2,
+    seed: int = 0,
+    check: bool = True,
+    strict: bool = False,
+    cache: bool = True,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> DatasetIndex:
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise UsageError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise UsageError(f"{root}: not a folder (expected a folder with one sub-folder per class)")
+    if not 0.0 <= val_split < 1.0:
+        raise UsageError(f"--val-split {val_split}: expected a fraction in [0, 1)")
+
+    split_dirs = find_split_folders(root)
+    if "train" in split_dirs:
+        layout = "split-folders"
+        scans = {split: scan_class_folders(path) for split, path in split_dirs.items()}
+    else:
+        layout = "class-folders"
+        scans = {"train": scan_class_folders(root)}
+
+    index = DatasetIndex(root=root, layout=layout, classes=[], splits={})
+    for split, scan in scans.items():
+        index.ignored += [index.rel(p) for p in scan.ignored if not (layout == "split-folders" and p.parent == root)]
+        index.empty_classes += [index.rel(scan.root / name) for name in scan.empty]
+        index.split_files[split] = scan.files
+
+    if check:
+        _check_all(index, strict=strict, cache=cache, workers=workers, progress=progress)
+
+    index.classes = sorted(index.split_files["train"])
+    if len(index.classes) < 2:
+        where = split_dirs.get("train", root)
+        found = ", ".join(f"{c} ({len(f)})" for c, f in index.split_files["train"].items()) or "none"
+        raise RescliError(
+            f"{where}: need at least two class folders with images; found {len(index.classes)}: {found}"
+            + (f"; empty: {', '.join(index.empty_classes)}" if index.empty_classes else "")
+        )
+    for split, files in index.split_files.items():
+        unknown = sorted(set(files) - set(index.classes))
+        if unknown:
+            raise RescliError(
+                f"{split_dirs[split]}: class folder(s) {', '.join(unknown)} not in the training split {split_dirs['train']}"
+            )
+
+    lookup = {c: i for i, c in enumerate(index.classes)}
+    labelled = {
+        split: [(str(p), lookup[c]) for c in sorted(files) for p in files[c]] for split, files in index.split_files.items()
+    }
+    if "val" in labelled:
+        index.splits = labelled
+    else:
+        train, val = stratified_split(labelled["train"], val_fraction=val_split, seed=seed)
+        index.splits = {"train": train, "val": val, **({"test": labelled["test"]} if "test" in labelled else {})}
+    if not index.splits["train"]:
+        raise RescliError(f"{root}: no training images left after the validation split")
+    return index
+
+
+def _check_all(index: DatasetIndex, *, strict: bool, cache: bool, workers: int | None, progress) -> None:
+    """Decode every image once; broken ones leave the index and are reported by name."""
+    paths = [str(p) for files in index.split_files.values() for fs in files.values() for p in fs]
+    cache_file = None
+    if cache:
+        cache_file = cache_file_for(index.root)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, len(paths))
+
+    index.infos = check_images(paths, workers=workers, cache_file=cache_file, progress=tick)
+    index.broken = {index.rel(p): info.error or "unreadable" for p, info in index.infos.items() if not info.ok}
+    if strict and index.broken:
+        listing = "; ".join(f"{p}: {why}" for p, why in list(index.broken.items())[:5])
+        more = f" (+{len(index.broken) - 5} more)" if len(index.broken) > 5 else ""
+        raise RescliError(f"--strict: {len(index.broken)} broken image(s): {listing}{more}")
+    for split, files in index.split_files.items():
+        kept: dict[str, list[Path]] = {}
+        for cls, fs in files.items():
+            good = [p for p in fs if index.infos[str(p)].ok]
+            if good:
+                kept[cls] = good
+            else:
+                index.empty_classes.append(index.rel(fs[0].parent))
+        index.split_files[split] = kept
+
+
+def stratified_split(
+    samples: Sequence[tuple[str, int]], *, val_fraction: float, seed: int
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Per class, a seeded shuffle then the first ``round(n * f)`` (at least one, if n >= 2) to validation."""
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    rng = random.Random(seed)
+    train: list[tuple[str, int]] = []
+    val: list[tuple[str, int]] = []
+    for label in sorted(by_class):
+        items = sorted(by_class[label])
+        rng.shuffle(items)
+        n_val = 0
+        if val_fraction > 0 and len(items) >= 2:
+            n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction)))
+        val += items[:n_val]
+        train += items[n_val:]
+    return train, val
+
+
+def eval_samples(
+    root: str | os.PathLike, *, classes: Sequence[str], split: str | None = None, val_split: float = 0.2, seed: int = 0
+) -> tuple[list[tuple[str, int]], DatasetIndex]:
+    """Samples to evaluate a model with ``classes`` on: a class folder, or one split of a split root."""
+    root = Path(root).expanduser()
+    split_dirs = find_split_folders(root) if root.is_dir() else {}
+    if split is not None and split not in SPLIT_ALIASES:
+        raise UsageError(f"--split {split!r}: expected train, val or test")
+    if split_dirs and "train" in split_dirs:
+        chosen = split or ("test" if "test" in split_dirs else "val")
+        folder = split_dirs.get(chosen)
+        if folder is None and chosen != "val":
+            raise UsageError(f"--split {chosen}: {root} has no {chosen} folder")
+    elif split_dirs and split in split_dirs:
+        folder = split_dirs[split]
+    else:
+        folder = root
+        chosen = None
+    if folder is None:  # split root with train only: evaluate the same held-out split finetune made
+        index = scan_dataset(root, val_split=val_split, seed=seed)
+        _match_classes(index.classes, classes, root)
+        return _relabel(index.splits["val"], index.classes, classes), index
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such folder")
+    scan = scan_class_folders(folder)
+    unknown = sorted(set(scan.files) - set(classes))
+    if unknown:
+        raise RescliError(
+            f"{folder}: class folder(s) {', '.join(unknown)} unknown to the model (its classes: {', '.join(classes)})"
+        )
+    lookup = {c: i for i, c in enumerate(classes)}
+    samples = [(str(p), lookup[c]) for c in sorted(scan.files) for p in scan.files[c]]
+    if not samples:
+        raise RescliError(f"{folder}: no images found in class folders")
+    index = DatasetIndex(root=folder, layout="class-folders", classes=list(classes), splits={"eval": samples})
+    index.ignored = [index.rel(p) for p in scan.ignored]
+    return samples, index
+
+
+def _match_classes(found: Sequence[str], known: Sequence[str], root: Path) -> None:
+    unknown = sorted(set(found) - set(known))
+    if unknown:
+        raise RescliError(f"{root}: class folder(s) {', '.join(unknown)} unknown to the model (its classes: {', '.join(known)})")
+
+
+def _relabel(samples, found: Sequence[str], known: Sequence[str]):
+    lookup = {c: i for i, c in enumerate(known)}
+    return [(p, lookup[found[y]]) for p, y in samples]
+
+
+# --- transforms and loading ------------------------------------------------------------------------
+
+def build_transform(*, img_size: int, train: bool, augment: str = "light") -> Callable[[Any], torch.Tensor]:
+    """PIL RGB image -> uint8 CHW tensor. Normalisation happens on the device, batched (see to_model_input)."""
+    if augment not in AUGMENTS:
+        raise UsageError(f"--augment {augment!r}: expected one of {', '.join(AUGMENTS)}")
+    if not train or augment == "none":
+        steps: list[Any] = [T.Resize(img_size, antialias=True), T.CenterCrop(img_size)]
+    elif augment == "light":
+        # Mild crops: short runs on small folders learn faster than with ImageNet's 0.08-1.0 range.
+        steps = [T.RandomResizedCrop(img_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True), T.RandomHorizontalFlip()]
+    else:  # strong
+        steps = [
+            T.RandomResizedCrop(img_size, scale=(0.25, 1.0), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.TrivialAugmentWide(),
+        ]
+    steps.append(T.PILToTensor())
+    return T.Compose(steps)
+
+
+def draft_size_for(img_size: int, *, train: bool) -> int:
+    # Random crops may zoom in ~1.7x; decode JPEGs at no less than that so crops are not upsampled.
+    return img_size * 2 if train else img_size
+
+
+class ImageSamples(Dataset):
+    """(path, label) pairs -> (uint8 image, label, index); a file that fails to load yields its error instead."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, *, draft_size: int | None = None) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            return self.transform(load_rgb(path, draft_size=self.draft_size)), label, i, None
+        except RescliError as exc:
+            return None, label, i, exc.message
+        except Exception as exc:  # a transform failing on an odd image must not kill an epoch
+            return None, label, i, f"{path}: {type(exc).__name__}: {exc}"
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 [B, 3, H, W]
+    labels: torch.Tensor  # int64 [B]
+    indices: torch.Tensor  # int64 [B], positions in the dataset
+    failures: list[tuple[int, str]]  # (dataset index, message) for items that could not be loaded
+
+    def pin_memory(self) -> "Batch":
+        self.images = self.images.pin_memory()
+        self.labels = self.labels.pin_memory()
+        return self
+
+
+def collate(items) -> Batch:
+    good = [it for it in items if it[0] is not None]
+    failures = [(it[2], it[3]) for it in items if it[0] is None]
+    if good:
+        images = torch.stack([it[0] for it in good])
+    else:
+        images = torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+    return Batch(
+        images=images,
+        labels=torch.tensor([it[1] for it in good], dtype=torch.long),
+        indices=torch.tensor([it[2] for it in good], dtype=torch.long),
+        failures=failures,
+    )
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    workers: int,
+    seed: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+    sampler: Any = None,
+) -> DataLoader:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        generator=generator,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_seed_worker,
+    )
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Augmentations use Python's and torch's RNGs; derive both from the loader's seed so runs repeat.
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_model_input(
+    images: torch.Tensor, *, device: torch.device, mean: Sequence[float], std: Sequence[float], channels_last: bool = True
+) -> torch.Tensor:
+    """uint8 batch -> normalised float batch on ``device`` (the copy is 4x smaller as uint8)."""
+    x = images.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.float().div_(255.0)
+    m = torch.tensor(mean, device=device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device, dtype=x.dtype).view(1, 3, 1, 1)
+    return x.sub_(m).div_(s)

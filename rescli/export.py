@@ -1,0 +1,228 @@
+"""Deployable exports: TorchScript and ONNX files that carry their own labels and preprocessing.
+
+Both take a normalised float32 NCHW batch and return logits. What is needed to build that
+input and read the output (class names, image size, mean/std, temperature) travels inside
+the file: TorchScript extra file ``rescli.json`` / ONNX ``metadata_props['rescli']``.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from rescli import data
+from rescli.checkpoint import atomic_write_bytes, load_checkpoint, versions
+from rescli.errors import RescliError, UsageError
+
+FORMATS = ("torchscript", "onnx")
+SUFFIXES = {"torchscript": ".ts", "onnx": ".onnx"}
+META_KEY = "rescli.json"
+
+
+def export_metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
+    headline = {k: ckpt.get("metrics", {}).get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1") if k in ckpt.get("metrics", {})}
+    return {
+        "format": "rescli-export",
+        "arch": ckpt["arch"],
+        "arch_kwargs": ckpt.get("arch_kwargs", {}),
+        "classes": ckpt["classes"],
+        "img_size": ckpt["img_size"],
+        "mean": ckpt["mean"],
+        "std": ckpt["std"],
+        "temperature": ckpt.get("temperature", 1.0),
+        "input": "float32 NCHW RGB, scaled to [0,1] then (x - mean) / std",
+        "output": "logits; softmax(logits / temperature) gives calibrated probabilities",
+        "metrics": headline,
+        "versions": versions(),
+        "trained_with": ckpt.get("versions", {}),
+    }
+
+
+def _require_onnx():
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise RescliError("ONNX export needs the onnx package: pip install 'rescli[onnx]' (or pip install onnx onnxruntime)") from None
+    return onnx
+
+
+def export_model(
+    *,
+    model: str | os.PathLike,
+    fmt: str,
+    output: str | os.PathLike | None = None,
+    check_images: Sequence[str] | None = None,
+    opset: int = 17,
+) -> dict[str, Any]:
+    """Write the export and check it against the checkpoint; returns paths and max |logit difference|."""
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    src = Path(model)
+    ckpt = load_checkpoint(src)
+    out = Path(output) if output else src.with_suffix(SUFFIXES[fmt])
+    meta = export_metadata(ckpt)
+
+    from rescli.models import model_from_checkpoint
+
+    net = model_from_checkpoint(ckpt).float().eval()
+    size = int(ckpt["img_size"])
+    example = torch.randn(2, 3, size, size)
+    if fmt == "torchscript":
+        # TorchScript is deprecated upstream but still the one format plain `torch.jit.load` reads anywhere.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            traced = torch.jit.trace(net, example, check_trace=False)
+            buf = io.BytesIO()
+            torch.jit.save(traced, buf, _extra_files={META_KEY: json.dumps(meta)})
+        atomic_write_bytes(out, buf.getvalue())
+        predictor = load_torchscript_predictor(out, device="cpu", precision="fp32")
+    else:
+        onnx = _require_onnx()
+        buf = io.BytesIO()
+        with torch.no_grad():
+            torch.onnx.export(
+                net, (example,), buf, input_names=["input"], output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
+            )
+        proto = onnx.load_from_string(buf.getvalue())
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META_KEY, json.dumps(meta)
+        proto.doc_string = f"rescli export of {ckpt['arch']} ({len(ckpt['classes'])} classes)"
+        onnx.checker.check_model(proto)
+        atomic_write_bytes(out, proto.SerializeToString())
+        predictor = _onnx_predictor_or_none(out)
+
+    result: dict[str, Any] = {"output": str(out), "format": fmt, "classes": len(ckpt["classes"]), "img_size": size}
+    if predictor is None:
+        result["parity"] = "not checked: onnxruntime is not installed (pip install onnxruntime)"
+        return result
+    reference = _normalised_logits_fn(net)
+    rand = torch.rand(4, 3, size, size).mul(255).to(torch.uint8)
+    result["max_abs_diff_random"] = _max_diff(reference, predictor.logits, rand, ckpt)
+    real = _real_batch(check_images, ckpt)
+    if real is not None:
+        result["max_abs_diff_real"] = _max_diff(reference, predictor.logits, real, ckpt)
+        result["real_images"] = int(real.shape[0])
+    worst = max(v for k, v in result.items() if k.startswith("max_abs_diff"))
+    result["parity_ok"] = bool(worst < 1e-3 * max(1.0, _scale(reference, rand, ckpt)))
+    if not result["parity_ok"]:
+        raise RescliError(f"{out}: export does not match the checkpoint (max |logit difference| {worst:.3g}); please report this")
+    return result
+
+
+def _normalised_logits_fn(net: torch.nn.Module):
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return net(x)
+    return fn
+
+
+def _inputs(images: torch.Tensor, ckpt) -> torch.Tensor:
+    return data.to_model_input(images, device=torch.device("cpu"), mean=ckpt["mean"], std=ckpt["std"], channels_last=False)
+
+
+def _max_diff(reference, logits_fn, images: torch.Tensor, ckpt) -> float:
+    ref = reference(_inputs(images, ckpt))
+    return float((ref - logits_fn(images)).abs().max())
+
+
+def _scale(reference, images, ckpt) -> float:
+    return float(reference(_inputs(images, ckpt)).abs().max())
+
+
+def _real_batch(check_images: Sequence[str] | None, ckpt) -> torch.Tensor | None:
+    """A few real images: the ones given, else some from the folder the model was trained on (if still there)."""
+    from rescli.images import load_rgb
+    from rescli.predict import iter_input_paths
+
+    sources = list(check_images or [])
+    if not sources:
+        data_dir = ckpt.get("settings", {}).get("data_dir")
+        if data_dir and Path(data_dir).is_dir():
+            sources = [data_dir]
+    if not sources:
+        return None
+    transform = data.build_transform(img_size=int(ckpt["img_size"]), train=False)
+    tensors = []
+    for path in itertools.islice(iter_input_paths(sources), 64):
+        try:
+            tensors.append(transform(load_rgb(path, draft_size=int(ckpt["img_size"]))))
+        except RescliError:
+            continue
+        if len(tensors) == 8:
+            break
+    return torch.stack(tensors) if tensors else None
+
+
+# --- loading exports as predictors ---------------------------------------------------------------------
+
+def _meta_from(raw: str | bytes, path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw)
+        assert meta.get("format") == "rescli-export"
+        return meta
+    except Exception:
+        raise RescliError(f"{path}: not a rescli export (no rescli metadata inside)") from None
+
+
+def load_torchscript_predictor(path: str | os.PathLike, *, device: str = "auto", precision: str = "auto"):
+    from rescli.predict import Predictor, torch_logits_fn
+    from rescli.runtime import select_runtime
+
+    path = Path(path)
+    extra = {META_KEY: ""}
+    runtime = select_runtime(device=device, precision=precision)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location=runtime.device, _extra_files=extra)
+    except Exception as exc:
+        raise RescliError(f"{path}: not a readable TorchScript file ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
+    meta = _meta_from(extra[META_KEY], path)
+    return Predictor(
+        classes=meta["classes"], img_size=int(meta["img_size"]), mean=meta["mean"], std=meta["std"],
+        temperature=float(meta.get("temperature", 1.0)),
+        logits_fn=torch_logits_fn(module, runtime=runtime, mean=meta["mean"], std=meta["std"]),
+        kind="torchscript", meta=meta,
+    )
+
+
+def _onnx_predictor_or_none(path: Path):
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    return load_onnx_predictor(path)
+
+
+def load_onnx_predictor(path: str | os.PathLike):
+    from rescli.predict import Predictor
+
+    path = Path(path)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise RescliError("predicting with an .onnx model needs onnxruntime: pip install 'rescli[onnx]'") from None
+    try:
+        session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+    except Exception as exc:
+        raise RescliError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:160]})") from None
+    meta = _meta_from(session.get_modelmeta().custom_metadata_map.get(META_KEY, ""), path)
+    input_name = session.get_inputs()[0].name
+
+    def logits_fn(images: torch.Tensor) -> torch.Tensor:
+        x = data.to_model_input(images, device=torch.device("cpu"), mean=meta["mean"], std=meta["std"], channels_last=False)
+        return torch.from_numpy(session.run(None, {input_name: np.ascontiguousarray(x.numpy())})[0]).float()
+
+    return Predictor(
+        classes=meta["classes"], img_size=int(meta["img_size"]), mean=meta["mean"], std=meta["std"],
+        temperature=float(meta.get("temperature", 1.0)), logits_fn=logits_fn, kind="onnx", meta=meta,
+    )

@@ -1,0 +1,55 @@
+"""What a checkpoint or an export holds, as a plain dict."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from rescli.errors import RescliError
+
+
+def describe_model(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise RescliError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in (".onnx", ".ts", ".torchscript"):
+        from rescli.predict import load_predictor
+
+        meta = load_predictor(path, device="cpu", precision="fp32").meta
+        return {
+            "file": str(path),
+            "kind": "onnx" if suffix == ".onnx" else "torchscript",
+            "arch": meta.get("arch"),
+            "classes": meta.get("classes"),
+            "img_size": meta.get("img_size"),
+            "mean": meta.get("mean"),
+            "std": meta.get("std"),
+            "temperature": meta.get("temperature"),
+            "metrics": meta.get("metrics", {}),
+            "versions": meta.get("versions", {}),
+        }
+    from rescli.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    metrics = ckpt.get("metrics", {})
+    headline = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "val_accuracy", "ece", "best_epoch") if k in metrics}
+    settings = ckpt.get("settings", {})
+    return {
+        "file": str(path),
+        "kind": "checkpoint" + (" (with training state)" if "optimizer" in ckpt else ""),
+        "arch": ckpt["arch"],
+        "arch_kwargs": ckpt.get("arch_kwargs", {}),
+        "classes": ckpt["classes"],
+        "img_size": ckpt["img_size"],
+        "mean": ckpt["mean"],
+        "std": ckpt["std"],
+        "temperature": ckpt.get("temperature", 1.0),
+        "parameters": sum(int(t.numel()) for k, t in ckpt["model"].items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))),
+        "metrics": headline,
+        "settings": {k: settings[k] for k in ("data_dir", "weights", "strategy_resolved", "epochs", "batch_size", "lr", "augment", "seed") if k in settings},
+        "epoch": ckpt.get("epoch"),
+        "versions": ckpt.get("versions", {}),
+        "created": ckpt.get("created"),
+    }

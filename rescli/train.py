@@ -1,0 +1,548 @@
+"""The fine-tuning loop: one function, ``finetune``, from a data folder to a run folder.
+
+The run folder holds best.pt (best validation accuracy), last.pt (everything needed to
+resume), history.csv, metrics.json, run.json and skipped.txt. Every file is written
+atomically, so a kill at any moment leaves usable files behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+import os
+import random
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from rescli import console, data, models
+from rescli.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, make_checkpoint, save_checkpoint
+from rescli.errors import RescliError, UsageError
+from rescli.evaluate import EvalResult, metrics_from, run_eval
+from rescli.predict import torch_logits_fn
+from rescli.runtime import Runtime, default_workers, select_runtime
+
+STRATEGIES = ("auto", "head", "full", "gradual")
+HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+
+
+class Interrupted(RescliError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=130)
+
+
+@dataclass
+class TrainSettings:
+    """Everything that defines a run; stored in every checkpoint and in run.json."""
+
+    data_dir: str
+    arch: str = "resnet18"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str = "imagenet"
+    strategy: str = "auto"
+    freeze_epochs: int = 1
+    epochs: int = 5
+    batch_size: int = 32
+    img_size: int = 224
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    backbone_lr_ratio: float = 0.01
+    warmup_fraction: float = 0.1
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0
+    augment: str = "light"
+    balance: bool = False
+    patience: int | None = None
+    val_split: float = 0.2
+    seed: int = 0
+    workers: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    strict: bool = False
+
+
+# --- run folders -----------------------------------------------------------------------------------
+
+def new_run_dir(base: str | os.PathLike = "runs") -> Path:
+    """runs/run1, runs/run2, …: mkdir is atomic, so two runs started together never share a folder."""
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[3:]) for p in base.glob("run*") if p.name[3:].isdigit()]
+    n = max(taken, default=0) + 1
+    while True:
+        candidate = base / f"run{n}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+
+
+def prepare_output_dir(output: str | os.PathLike | None) -> Path:
+    if output is None:
+        return new_run_dir()
+    out = Path(output).expanduser()
+    if out.exists() and any(out.glob("*.pt")):
+        raise UsageError(f"--output {out}: already holds a run; choose a new folder, or continue it with --resume {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k) for k in HISTORY_FIELDS})
+    atomic_write_text(path, buf.getvalue())
+
+
+# --- interrupts --------------------------------------------------------------------------------------
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves, then stops. A second Ctrl-C kills."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator["StopFlag"]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            if self.signal_name is not None:  # asked twice: stop now
+                signal.signal(signum, signal.SIG_DFL)
+                raise KeyboardInterrupt
+            self.signal_name = signal.Signals(signum).name
+            console.warn(f"{self.signal_name}: finishing this step and saving last.pt (press again to abort at once)")
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+
+# --- schedule ------------------------------------------------------------------------------------------
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    if total <= 0:
+        return 1.0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which epochs train what: phase 1 = head only (frozen backbone), phase 2 = everything."""
+
+    strategy: str
+    frozen_epochs: int
+    epochs: int
+    steps_per_epoch: int
+    warmup_fraction: float
+    head_lr_after_unfreeze: float = 0.5  # fastai's fine_tune halves the head LR after unfreezing
+
+    def frozen(self, epoch: int) -> bool:
+        return epoch < self.frozen_epochs
+
+    def lr_factor(self, step: int, *, is_head: bool) -> float:
+        """Multiplier on a group's base LR at global optimiser step ``step``."""
+        boundary = self.frozen_epochs * self.steps_per_epoch
+        total = self.epochs * self.steps_per_epoch
+        if step < boundary:  # phase 1: its own warmup + cosine, backbone idle
+            if not is_head:
+                return 0.0
+            return warmup_cosine(step, boundary, max(1, int(boundary * self.warmup_fraction)))
+        span = total - boundary
+        factor = warmup_cosine(step - boundary, span, max(1, int(span * self.warmup_fraction)))
+        if self.frozen_epochs > 0:
+            factor *= self.head_lr_after_unfreeze
+        return factor
+
+
+def resolve_strategy(strategy: str, *, pretrained: bool, epochs: int, freeze_epochs: int) -> tuple[str, int]:
+    if strategy not in STRATEGIES:
+        raise UsageError(f"--strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    if strategy == "auto":
+        strategy = "gradual" if pretrained else "full"
+    if strategy == "head":
+        return strategy, epochs
+    if strategy == "full":
+        return strategy, 0
+    if freeze_epochs < 0:
+        raise UsageError("--freeze-epochs must be >= 0")
+    return strategy, min(freeze_epochs, max(0, epochs - 1)) if epochs > 1 else min(freeze_epochs, epochs)
+
+
+# --- the run ---------------------------------------------------------------------------------------------
+
+def _capture_rng() -> dict[str, Any]:
+    """RNG states as tensors, lists and numbers: types the weights_only loader accepts."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": _tuples_to_lists(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def _tuples_to_lists(obj: Any) -> Any:
+    if isinstance(obj, (tuple, list)):
+        return [_tuples_to_lists(o) for o in obj]
+    return obj
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
+    # The order depends only on (seed, epoch), so a resumed epoch can skip exactly the batches already seen.
+    g = torch.Generator()
+    g.manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def finetune(
+    *,
+    settings: TrainSettings | None = None,
+    output: str | os.PathLike | None = None,
+    resume: str | os.PathLike | None = None,
+    epochs: int | None = None,
+    show_progress: bool = True,
+    _stop: StopFlag | None = None,
+) -> dict[str, Any]:
+    """Train and return a summary dict (run_dir, best epoch, metrics). Raises RescliError on failure."""
+    state: dict[str, Any] | None = None
+    if resume is not None:
+        run_dir, state = _load_resume(resume)
+        settings = TrainSettings(**state["settings"])
+        if epochs is not None:
+            settings.epochs = epochs
+    else:
+        if settings is None:
+            raise UsageError("finetune needs settings or --resume")
+        run_dir = prepare_output_dir(output)
+
+    if settings.epochs < 1:
+        raise UsageError("--epochs must be at least 1")
+    if settings.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if settings.img_size < 8:
+        raise UsageError("--img-size must be at least 8")
+    _seed_everything(settings.seed)
+
+    # Data: scan and check every image once (cached), split, report what was left out.
+    index = data.scan_dataset(
+        settings.data_dir, val_split=settings.val_split, seed=settings.seed, strict=settings.strict, workers=settings.workers
+    )
+    report_scan(index, run_dir)
+    classes = index.classes
+    train_samples, val_samples = index.splits["train"], index.splits["val"]
+    if not val_samples:
+        raise RescliError(f"{settings.data_dir}: no validation images (use --val-split > 0 or add a val/ folder)")
+
+    # Model and weights.
+    model = models.create_model(settings.arch, len(classes), settings.arch_kwargs)
+    if state is None:
+        winfo = models.load_pretrained(model, arch=settings.arch, weights=settings.weights, arch_kwargs=settings.arch_kwargs)
+        mean, std, pretrained = list(winfo.mean), list(winfo.std), winfo.pretrained
+    else:
+        model.load_state_dict(state["model"])
+        mean, std, pretrained = state["mean"], state["std"], state["settings_pretrained"]
+    strategy, frozen_epochs = resolve_strategy(
+        settings.strategy, pretrained=pretrained, epochs=settings.epochs, freeze_epochs=settings.freeze_epochs
+    )
+    runtime = select_runtime(device=settings.device, precision=settings.precision)
+    model.to(runtime.device, memory_format=runtime.memory_format)
+
+    workers = default_workers() if settings.workers is None else settings.workers
+    pin = runtime.device.type == "cuda"
+    train_ds = data.ImageSamples(
+        train_samples,
+        data.build_transform(img_size=settings.img_size, train=True, augment=settings.augment),
+        draft_size=data.draft_size_for(settings.img_size, train=True),
+    )
+    val_ds = data.ImageSamples(
+        val_samples,
+        data.build_transform(img_size=settings.img_size, train=False),
+        draft_size=data.draft_size_for(settings.img_size, train=False),
+    )
+    val_loader = data.make_loader(val_ds, batch_size=settings.batch_size * 2, shuffle=False, workers=workers, pin_memory=pin)
+    steps_per_epoch = max(1, math.ceil(len(train_ds) / settings.batch_size))
+    plan = Plan(strategy, frozen_epochs, settings.epochs, steps_per_epoch, settings.warmup_fraction)
+
+    ratio = settings.backbone_lr_ratio if strategy == "gradual" else 1.0
+    groups = models.param_groups(model, lr=settings.lr, weight_decay=settings.weight_decay, backbone_lr_ratio=ratio)
+    head_ids = {id(p) for p in model.fc.parameters()}
+    for g in groups:
+        g["is_head"] = all(id(p) in head_ids for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, fused=runtime.device.type == "cuda" or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lambda step, h=g["is_head"]: plan.lr_factor(step, is_head=h) for g in groups]
+    )
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
+
+    class_weights = None
+    if settings.balance:
+        counts = np.bincount([y for _, y in train_samples], minlength=len(classes)).astype(np.float64)
+        # Inverse-frequency loss weights, normalised so a balanced set gets weight 1 everywhere.
+        class_weights = torch.tensor(counts.sum() / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32)
+        class_weights = class_weights.to(runtime.device)
+    criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=settings.label_smoothing)
+    eval_logits = torch_logits_fn(model, runtime=runtime, mean=mean, std=std)
+
+    start_epoch, start_step, best_acc, best_loss, best_epoch = 0, 0, -1.0, float("inf"), -1
+    history: list[dict[str, Any]] = []
+    best_eval: EvalResult | None = None
+    bad_epochs = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, start_step = int(state["epoch"]), int(state.get("step_in_epoch", 0))
+        best_acc, best_loss, best_epoch = float(state["best_accuracy"]), float(state["best_loss"]), int(state["best_epoch"])
+        bad_epochs = int(state.get("bad_epochs", 0))
+        history = [dict(r) for r in state.get("history", [])]
+        _restore_rng(state["rng"])
+        console.info(f"resuming {run_dir} at epoch {start_epoch + 1}" + (f", step {start_step + 1}" if start_step else ""))
+        if start_epoch >= settings.epochs:
+            raise UsageError(f"{run_dir} already trained {start_epoch} epochs; pass --epochs N with N > {start_epoch} to continue")
+
+    base = dict(
+        arch=settings.arch,
+        arch_kwargs=settings.arch_kwargs,
+        classes=classes,
+        img_size=settings.img_size,
+        mean=mean,
+        std=std,
+    )
+    settings_dict = asdict(settings)
+    settings_dict["strategy_resolved"] = strategy
+    settings_dict["frozen_epochs"] = frozen_epochs
+    settings_dict["train_images"], settings_dict["val_images"] = len(train_samples), len(val_samples)
+    run_info = {
+        "settings": settings_dict,
+        "arch": settings.arch,
+        "classes": classes,
+        "img_size": settings.img_size,
+        "mean": mean,
+        "std": std,
+        "runtime": runtime.describe(),
+        "layout": index.layout,
+        "counts": {s: index.counts(s) for s in index.splits},
+        "versions": make_checkpoint(model_state={}, **base)["versions"],
+    }
+    atomic_write_json(run_dir / "run.json", run_info)
+
+    def training_state(epoch_done: int, step_in_epoch: int) -> dict[str, Any]:
+        return dict(
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict() if scaler.is_enabled() else {},
+            epoch=epoch_done,
+            step_in_epoch=step_in_epoch,
+            best_accuracy=best_acc,
+            best_loss=best_loss,
+            best_epoch=best_epoch,
+            bad_epochs=bad_epochs,
+            history=history,
+            rng=_capture_rng(),
+            settings_pretrained=pretrained,
+        )
+
+    def save_last(epoch_done: int, step_in_epoch: int, metrics: dict[str, Any] | None = None) -> None:
+        ckpt = make_checkpoint(
+            model_state=model.state_dict(), settings=settings_dict, metrics=metrics or {}, **base,
+            **training_state(epoch_done, step_in_epoch),
+        )
+        save_checkpoint(ckpt, run_dir / "last.pt")
+
+    console.info(
+        f"{settings.arch} · {len(classes)} classes · {len(train_samples)} train / {len(val_samples)} val images · "
+        f"{runtime.describe()} · strategy {strategy}" + (f" ({frozen_epochs} frozen epoch(s))" if strategy == "gradual" else "")
+        + f" · run folder {run_dir}"
+    )
+    stop = _stop or StopFlag()
+    warned: set[str] = set()
+    stopped_early = False
+    with stop.installed():
+        for epoch in range(start_epoch, settings.epochs):
+            t0 = time.perf_counter()
+            frozen = plan.frozen(epoch)
+            models.set_backbone_trainable(model, not frozen)
+            model.train()
+            if frozen:
+                models.freeze_batchnorm_stats(model)
+            order = _epoch_order(len(train_ds), seed=settings.seed, epoch=epoch)
+            skip = start_step if epoch == start_epoch else 0
+            loader = data.make_loader(
+                train_ds, batch_size=settings.batch_size, shuffle=False, workers=workers, pin_memory=pin,
+                sampler=order[skip * settings.batch_size:], seed=settings.seed + epoch,
+            )
+            loss_sum, seen, correct, step = 0.0, 0, 0, skip
+            with _progress(f"epoch {epoch + 1}/{settings.epochs}", steps_per_epoch - skip, enabled=show_progress) as advance:
+                for batch in loader:
+                    for i, msg in batch.failures:
+                        if msg not in warned:
+                            warned.add(msg)
+                            console.warn(f"skipped during training: {msg}")
+                    if batch.labels.numel() > 0:
+                        x = data.to_model_input(batch.images, device=runtime.device, mean=mean, std=std, channels_last=runtime.channels_last)
+                        y = batch.labels.to(runtime.device, non_blocking=True)
+                        with runtime.autocast():
+                            logits = model(x).float()
+                            loss = criterion(logits, y)
+                        if not torch.isfinite(loss):
+                            raise RescliError(
+                                f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}; training stopped. "
+                                f"best.pt (epoch {best_epoch + 1 if best_epoch >= 0 else '-'}) is kept in {run_dir}; try a lower --lr"
+                            )
+                        optimizer.zero_grad(set_to_none=True)
+                        scaler.scale(loss).backward()
+                        if settings.grad_clip > 0:
+                            scaler.unscale_(optimizer)
+                            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], settings.grad_clip)
+                        scaler.step(optimizer)
+                        scaler.update()
+                        loss_sum += loss.item() * len(y)
+                        correct += int((logits.detach().argmax(1) == y).sum())
+                        seen += len(y)
+                    scheduler.step()
+                    step += 1
+                    advance(loss_sum / max(1, seen))
+                    if stop:
+                        break
+            if stop:
+                save_last(epoch, step if step < steps_per_epoch else 0) if step < steps_per_epoch else None
+                if step >= steps_per_epoch:
+                    save_last(epoch + 1, 0)
+                raise Interrupted(
+                    f"interrupted ({stop.signal_name}) in epoch {epoch + 1}; saved {run_dir / 'last.pt'}. "
+                    f"Continue with: rescli finetune --resume {run_dir}"
+                )
+
+            model.eval()
+            ev = run_eval(eval_logits, val_loader)
+            seconds = time.perf_counter() - t0
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": round(loss_sum / max(1, seen), 6),
+                "train_accuracy": round(correct / max(1, seen), 6),  # on augmented batches, in train mode
+                "val_loss": round(ev.loss, 6),
+                "val_accuracy": round(ev.accuracy, 6),
+                "lr": float(f"{max(g['lr'] for g in optimizer.param_groups):.3g}"),
+                "seconds": round(seconds, 2),
+            }
+            history.append(row)
+            write_history(run_dir / "history.csv", history)
+            improved = ev.accuracy > best_acc or (ev.accuracy == best_acc and ev.loss < best_loss)
+            if improved:
+                best_acc, best_loss, best_epoch, bad_epochs = ev.accuracy, ev.loss, epoch, 0
+                best_eval = ev
+                save_checkpoint(
+                    make_checkpoint(model_state=model.state_dict(), settings=settings_dict,
+                                    metrics={"val_accuracy": ev.accuracy, "val_loss": ev.loss, "epoch": epoch + 1}, **base),
+                    run_dir / "best.pt",
+                )
+            else:
+                bad_epochs += 1
+            save_last(epoch + 1, 0, {"val_accuracy": ev.accuracy, "val_loss": ev.loss, "epoch": epoch + 1})
+            console.info(
+                f"epoch {epoch + 1}/{settings.epochs}  train loss {row['train_loss']:.4f}  val loss {ev.loss:.4f}  "
+                f"val acc {ev.accuracy:.4f}  {seconds:.1f}s" + ("  *" if improved else "")
+            )
+            if settings.patience is not None and bad_epochs >= settings.patience and epoch + 1 < settings.epochs:
+                console.info(f"early stop: no improvement for {bad_epochs} epoch(s); best epoch {best_epoch + 1}")
+                stopped_early = True
+                break
+
+    if best_eval is None:  # resumed after the best epoch: evaluate best.pt once to report its metrics
+        best = load_checkpoint(run_dir / "best.pt")
+        model.load_state_dict(best["model"])
+        model.eval()
+        best_eval = run_eval(eval_logits, val_loader)
+    metrics = metrics_from(best_eval, classes)
+    metrics.update(best_epoch=best_epoch + 1, epochs_run=len(history), stopped_early=stopped_early)
+    best_ckpt = load_checkpoint(run_dir / "best.pt")
+    best_ckpt["metrics"] = metrics
+    save_checkpoint(best_ckpt, run_dir / "best.pt")
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    return {"run_dir": str(run_dir), "metrics": metrics, "history": history, "classes": classes}
+
+
+def report_scan(index: data.DatasetIndex, run_dir: Path | None) -> None:
+    """Name every skipped file once on stderr, and list them in run_dir/skipped.txt."""
+    for rel, why in index.broken.items():
+        console.warn(f"skipped broken image {rel}: {why}")
+    if index.empty_classes:
+        console.info(f"not a class (no usable images): {', '.join(sorted(set(index.empty_classes)))}")
+    if index.ignored:
+        shown = ", ".join(index.ignored[:5]) + (f" (+{len(index.ignored) - 5} more)" if len(index.ignored) > 5 else "")
+        console.info(f"ignored {len(index.ignored)} non-image file(s): {shown}")
+    if run_dir is not None:
+        lines = [f"broken\t{rel}\t{why}" for rel, why in index.broken.items()]
+        lines += [f"ignored\t{rel}\tnot an image" for rel in index.ignored]
+        lines += [f"empty\t{rel}\tno usable images" for rel in sorted(set(index.empty_classes))]
+        atomic_write_text(run_dir / "skipped.txt", "".join(line + "\n" for line in lines))
+
+
+def _load_resume(resume: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        path = path / "last.pt"
+    ckpt = load_checkpoint(path)
+    if "optimizer" not in ckpt:
+        raise UsageError(f"--resume {path}: holds no training state (resume from last.pt, not best.pt)")
+    return path.parent, ckpt
+
+
+@contextmanager
+def _progress(description: str, total: int, *, enabled: bool) -> Iterator[Any]:
+    """A per-epoch bar on stderr (only when stderr is a terminal; logs get one line per epoch instead)."""
+    if not enabled or not console.err.is_terminal:
+        yield lambda loss: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(), console=console.err, transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total, loss=float("nan"))
+        yield lambda loss: bar.update(task, advance=1, loss=loss)
