@@ -246,7 +246,7 @@ def predict(
         iter_input_paths(inputs, null_separated=null), predictor=predictor, batch_size=batch_size, workers=workers,
         top_k=top_k, raw_scores=raw_scores, threshold=threshold,
     )
-    failed = _write_predictions(rows, fmt, chosen, top_k=top_k, quiet=quiet, progress=not (quiet or no_progress))
+    failed = _write_predictions(rows, fmt, chosen, quiet=quiet, progress=not (quiet or no_progress))
     if failed:
         raise typer.Exit(1)
 
@@ -262,8 +262,15 @@ def _fields(spec: Optional[str], top_k: int) -> list[str]:
     return chosen
 
 
-def _write_predictions(rows, fmt: PredictFormat, fields: list[str], *, top_k: int, quiet: bool, progress: bool) -> int:
+def _write_predictions(rows, fmt: PredictFormat, fields: list[str], *, quiet: bool, progress: bool) -> int:
     """Write rows as they come; returns how many inputs failed."""
+    try:
+        return _write_rows(rows, fmt, fields, quiet=quiet, progress=progress)
+    except BrokenPipeError:
+        raise PipeClosed() from None
+
+
+def _write_rows(rows, fmt: PredictFormat, fields: list[str], *, quiet: bool, progress: bool) -> int:
     failed = done = 0
     show = progress and console.err.is_terminal
     table_rows: list[dict] = []
@@ -393,38 +400,42 @@ def _short(v: Any) -> str:
 
 # --- entry point ---------------------------------------------------------------------------------------------
 
+class PipeClosed(RescliError):
+    """The reader of stdout went away (`| head`); not an error worth a message."""
+
+    def __init__(self) -> None:
+        super().__init__("", exit_code=141)  # 128 + SIGPIPE, what a shell reports for `cat big | head`
+
+
 def main() -> None:
     try:
         # standalone_mode=False hands typer.Exit(code) back as a return value instead of exiting.
         code = app(standalone_mode=False)
+    except PipeClosed as exc:
+        _silence_stdout()
+        sys.exit(exc.exit_code)
     except RescliError as exc:
         console.err.print(f"error: {exc.message}", markup=False, highlight=False)
         sys.exit(exc.exit_code)
-    except BrokenPipeError:
-        _quiet_broken_pipe()
     except KeyboardInterrupt:
         console.err.print("interrupted", markup=False)
         sys.exit(130)
-    except Exception as exc:  # click's own exceptions carry their exit codes
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
+    except Exception as exc:
+        # Typer vendors click; its exceptions are recognised by shape rather than by an import.
+        if type(exc).__name__ == "Abort":
+            console.err.print("interrupted", markup=False)
             sys.exit(130)
-        if isinstance(exc, click.ClickException):
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
         raise
-    else:
-        sys.exit(code if isinstance(code, int) else 0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
-def _quiet_broken_pipe() -> None:
-    # The reader went away (`| head`): stop quietly, the way `cat` does, without a traceback on exit.
+def _silence_stdout() -> None:
+    # Python flushes stdout again at exit; point it at /dev/null so that flush cannot raise.
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
     except OSError:
         pass
-    sys.exit(141)
