@@ -7,6 +7,7 @@ failed), 2 usage error, 130 interrupted, 141 output pipe closed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -136,6 +137,10 @@ def finetune(
         "val_accuracy": m.get("accuracy"),
         "val_balanced_accuracy": m.get("balanced_accuracy"),
         "val_macro_f1": m.get("macro_f1"),
+        "temperature": m.get("temperature"),
+        "val_ece": m.get("ece"),
+        "val_ece_before_temperature": m.get("ece_before_temperature"),
+        "report": str(Path(result["run_dir"]) / "report.html"),
     }
     if fmt == TableOrJson.json:
         _print_json(summary)
@@ -146,7 +151,44 @@ def finetune(
     for key, value in summary.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.out.print(table)
+    if m.get("per_class"):
+        _print_class_tables(m)
     console.info(f"next: rescli evaluate {summary['best_checkpoint']} DATA_DIR  ·  rescli predict IMAGES --model {summary['best_checkpoint']}")
+
+
+# --- dataset ---------------------------------------------------------------------------------------------
+
+@app.command(epilog="""
+Examples:
+
+    rescli dataset ./images                   # what finetune ./images would use
+    rescli dataset ./images --format json | jq .broken
+    rescli dataset ./images --format json | jq '.duplicates[] | select(.leak)'
+    rescli dataset ./images --val-split 0.3   # as finetune --val-split 0.3
+""")
+def dataset(
+    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class, or train/ + val/ (+ test/) split folders."),
+    val_split: float = typer.Option(0.2, "--val-split", help="As for finetune: fraction held out when DATA_DIR has no val/ folder."),
+    seed: int = typer.Option(0, "--seed", help="As for finetune: seed of that split."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Threads that check images [default: one per core]."),
+    fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="table for people, json for programs."),
+) -> None:
+    """Show what DATA_DIR holds, exactly as finetune sees it: classes, counts per split, broken and ignored files,
+    image sizes, class imbalance, and identical files across splits (leakage) or classes (label conflicts)."""
+    from rescli.dataset import describe_dataset, tables
+
+    show = console.err.is_terminal
+
+    def progress(done: int, total: int) -> None:
+        if show and (done == total or done % 50 == 0):
+            console.err.print(f"checked {done}/{total} images", end="\r" if done < total else "\n", markup=False)
+
+    report = describe_dataset(data_dir, val_split=val_split, seed=seed, workers=workers, progress=progress)
+    if fmt == TableOrJson.json:
+        _print_json(report)
+        return
+    for table in tables(report):
+        console.out.print(table)
 
 
 # --- evaluate --------------------------------------------------------------------------------------------
@@ -154,25 +196,41 @@ def finetune(
 @app.command(epilog="""
 Examples:
 
-    rescli evaluate runs/run1/best.pt ./images/test
+    rescli evaluate runs/run1/best.pt ./images/test   # files go to runs/run1/eval-test/
     rescli evaluate runs/run1/best.pt ./images --split val --format json | jq .macro_f1
+    rescli evaluate model.onnx ./images/test --output reports/onnx-test
+    rescli evaluate runs/run1/best.pt ./images/test --no-files --format json > metrics.json
+
+Writes metrics.json, predictions.csv, confusion_matrix.png, top_losses.png, reliability.png and
+report.html into the output folder (never into DATA_DIR). Scores use the temperature stored in
+the model (fitted by finetune on its validation split) unless --raw-scores.
 """)
 def evaluate(
-    model: Path = typer.Argument(..., help="A rescli checkpoint (.pt) or export (.ts, .onnx)."),
+    model: Path = typer.Argument(..., help="A rescli checkpoint (.pt) or export (.ts, .onnx), a run folder, or 'latest' (newest runs/*/best.pt)."),
     data_dir: Path = typer.Argument(..., help="Class folders, or a split root (then --split)."),
     split: Optional[str] = typer.Option(None, "--split", help="train, val or test for a split root [default: test if present, else val]."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for the evaluation files [default: MODEL's folder/eval-DATA_DIR name[-split]]."),
+    no_files: bool = typer.Option(False, "--no-files", help="Only print the metrics; write no files."),
+    raw_scores: bool = typer.Option(False, "--raw-scores", help="Softmax of raw logits (skip the stored temperature calibration)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b"),
     workers: Optional[int] = typer.Option(None, "--workers"),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("auto", "--precision"),
     fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="table for people, json for programs."),
 ) -> None:
-    """Score MODEL on labelled images: accuracy, balanced accuracy, per-class P/R/F1, confusion matrix."""
+    """Score MODEL on labelled images: accuracy, per-class P/R/F1, confusion matrix, mistakes, calibration (ECE)."""
     from rescli.evaluate import evaluate_folder
+    from rescli.predict import resolve_model_path
 
-    metrics, ev = evaluate_folder(model=model, data_dir=data_dir, split=split, batch_size=batch_size, workers=workers, device=device, precision=precision)
+    model, _ = resolve_model_path(model)
+    metrics, ev, out_dir = evaluate_folder(
+        model=model, data_dir=data_dir, split=split, output=output, raw_scores=raw_scores, write_files=not no_files,
+        batch_size=batch_size, workers=workers, device=device, precision=precision,
+    )
     for item in metrics["skipped"]:
         console.warn(f"skipped {item['error']}")
+    if out_dir is not None:
+        console.info(f"wrote metrics.json, predictions.csv, figures and report.html to {out_dir}")
     if fmt == TableOrJson.json:
         _print_json(metrics)
         return
@@ -183,28 +241,67 @@ def _print_metrics_table(m: dict[str, Any]) -> None:
     from rich.table import Table
 
     head = Table(title=f"{m['n']} images", show_header=False)
-    for key in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_f1", "roc_auc_ovr", "loss"):
+    for key in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_f1", "roc_auc_ovr", "loss",
+                "log_loss", "ece", "ece_before_temperature", "temperature"):
         if m.get(key) is not None:
             head.add_row(key, f"{m[key]:.4f}")
     for k, v in (m.get("top_k_accuracy") or {}).items():
         if k != "1":
             head.add_row(f"top{k}_accuracy", f"{v:.4f}")
     console.out.print(head)
+    _print_class_tables(m)
+
+
+def _print_class_tables(m: dict[str, Any]) -> None:
+    """Per-class P/R/F1, the confusion matrix (up to 20 classes) and the most-confused pairs."""
+    from rich.markup import escape
+    from rich.table import Table
+
     per = Table(title="per class")
     for col in ("class", "precision", "recall", "f1", "support"):
         per.add_column(col, justify="left" if col == "class" else "right")
     for name, row in m["per_class"].items():
-        per.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+        per.add_row(escape(name), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
     console.out.print(per)
     labels, cm = m["labels"], m["confusion_matrix"]
     if len(labels) <= 20:
         conf = Table(title="confusion matrix (rows: true, columns: predicted)")
         conf.add_column("")
         for name in labels:
-            conf.add_column(name, justify="right")
+            conf.add_column(escape(name), justify="right")
         for name, row in zip(labels, cm):
-            conf.add_row(name, *map(str, row))
+            conf.add_row(escape(name), *map(str, row))
         console.out.print(conf)
+    if m.get("most_confused"):
+        pairs = Table(title="most confused (true -> predicted)")
+        for col in ("true", "predicted", "count"):
+            pairs.add_column(col, justify="right" if col == "count" else "left")
+        for p in m["most_confused"]:
+            pairs.add_row(escape(p["true"]), escape(p["predicted"]), str(p["count"]))
+        console.out.print(pairs)
+
+
+# --- report ----------------------------------------------------------------------------------------------
+
+@app.command(epilog="""
+Examples:
+
+    rescli report runs/run1                       # writes runs/run1/report.html
+    rescli report runs/run1/eval-test             # the folder rescli evaluate wrote
+    rescli report runs/run1 --output run1.html    # somewhere else, e.g. to attach to a PR
+
+The file is self-contained (figures embedded, no scripts, no network): open it in any browser.
+finetune and evaluate already write one; run this again after editing or copying a run folder.
+""")
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder (finetune) or evaluation folder (evaluate) with metrics.json."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file to write [default: RUN_DIR/report.html]."),
+) -> None:
+    """Write one self-contained HTML report (settings, curves, metrics, confusion matrix, mistakes, calibration)."""
+    from rescli.report import write_html_report
+
+    path = write_html_report(run_dir, output=output)
+    console.out.print(str(path), markup=False, highlight=False)
 
 
 # --- predict ---------------------------------------------------------------------------------------------
@@ -217,99 +314,138 @@ Examples:
     find shots -name '*.jpg' | rescli predict - --format jsonl | jq -r '.label'
     find shots -name '*.jpg' -print0 | rescli predict -0 - --format csv > labels.csv
     rescli predict 'shots/**/*.png' @more_paths.txt --format tsv --fields path,label
+    rescli predict ./inbox --model model.onnx --format jsonl | jq -r 'select(.error) | .path'
+
+Exit status: 0 all inputs labelled, 1 some input failed (its row has an error field), 2 usage error.
 """)
 def predict(
     inputs: List[str] = typer.Argument(..., help="Image files, folders (recursive), quoted globs, '-' for paths on stdin, @LIST for a file of paths."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint or export [default: $RESCLI_MODEL, else the newest runs/*/best.pt]."),
-    top_k: int = typer.Option(1, "--top-k", "-k", help="How many labels to report per image."),
-    fmt: PredictFormat = typer.Option(PredictFormat.table, "--format", "-f", help="table, jsonl, json, csv or tsv."),
-    fields: Optional[str] = typer.Option(None, "--fields", help="Comma-separated columns for csv/tsv/jsonl/table: path,label,score,topk,error."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Label 'unknown' when the top score is below this."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint, run folder or export (.ts, .onnx) [default: $RESCLI_MODEL, else the newest runs/*/best.pt]."),
+    top_k: int = typer.Option(1, "--top-k", "-k", help="How many labels to report per image (the topk field)."),
+    fmt: PredictFormat = typer.Option(PredictFormat.table, "--format", "-f", help="table (people), jsonl, json, csv or tsv."),
+    fields: Optional[str] = typer.Option(None, "--fields", help="Comma-separated columns, in order: path,label,score,topk,error."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Label 'unknown' when the top score is below this (0..1)."),
     raw_scores: bool = typer.Option(False, "--raw-scores", help="Softmax of raw logits (skip the stored temperature calibration)."),
     null: bool = typer.Option(False, "-0", "--null", help="Paths on stdin / in list files are NUL-separated (find -print0)."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b"),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per model call; results are flushed after each batch."),
     workers: int = typer.Option(2, "--workers", help="Decode threads."),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("auto", "--precision"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Nothing on stderr except errors."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress counter on stderr."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress counter on stderr (it only shows when stderr is a terminal)."),
 ) -> None:
     """Label images with a trained model; results stream to stdout in input order, batch by batch."""
-    from rescli.predict import iter_input_paths, load_predictor, predict_stream, resolve_model_path
+    import warnings
 
+    from rescli.predict import check_inputs, iter_input_paths, load_predictor, predict_batches, resolve_model_path
+
+    if quiet:
+        warnings.simplefilter("ignore")  # library warnings are chatter too
+    chosen = _fields(fields, top_k, fmt)
+    if top_k < 1:
+        raise RescliError("--top-k must be at least 1", exit_code=2)
+    if batch_size < 1:
+        raise RescliError("--batch-size must be at least 1", exit_code=2)
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise RescliError("--threshold is a probability: give a number between 0 and 1", exit_code=2)
+    check_inputs(inputs)
     path, how = resolve_model_path(model)
     predictor = load_predictor(path, device=device, precision=precision)
     if not quiet:
         console.info(f"model: {path} ({how}; {predictor.kind}, {len(predictor.classes)} classes)")
-    chosen = _fields(fields, top_k)
-    rows = predict_stream(
+        if "-" in inputs and sys.stdin.isatty():
+            console.info("reading image paths from the terminal, one per line; end with Ctrl-D")
+    batches = predict_batches(
         iter_input_paths(inputs, null_separated=null), predictor=predictor, batch_size=batch_size, workers=workers,
         top_k=top_k, raw_scores=raw_scores, threshold=threshold,
     )
-    failed = _write_predictions(rows, fmt, chosen, quiet=quiet, progress=not (quiet or no_progress))
+    with contextlib.closing(batches):
+        done, failed = _write_predictions(batches, fmt, chosen, classes=predictor.classes, top_k=top_k, quiet=quiet,
+                                          progress=not (quiet or no_progress))
+    if done == 0 and not quiet:
+        console.warn("no input paths were given on stdin or in the list files")
     if failed:
         raise typer.Exit(1)
 
 
-def _fields(spec: Optional[str], top_k: int) -> list[str]:
-    allowed = ["path", "label", "score", "topk", "error"]
+PREDICT_FIELDS = ("path", "label", "score", "topk", "error")
+
+
+def _fields(spec: Optional[str], top_k: int, fmt: "PredictFormat") -> list[str]:
     if not spec:
-        return ["path", "label", "score"] + (["topk"] if top_k > 1 else []) + ["error"]
+        chosen = ["path", "label", "score"] + (["topk"] if top_k > 1 else []) + ["error"]
+        if fmt == PredictFormat.table:  # the one unbounded column goes last, so the others line up; errors follow it
+            chosen = [f for f in chosen if f not in ("path", "error")] + ["path"]
+        return chosen
     chosen = [f.strip() for f in spec.split(",") if f.strip()]
-    bad = [f for f in chosen if f not in allowed]
-    if bad:
-        raise RescliError(f"--fields: unknown field(s) {', '.join(bad)}; choose from {', '.join(allowed)}", exit_code=2)
+    bad = [f for f in chosen if f not in PREDICT_FIELDS]
+    if bad or not chosen:
+        raise RescliError(f"--fields: unknown field(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(PREDICT_FIELDS)}", exit_code=2)
+    if len(set(chosen)) != len(chosen):
+        raise RescliError("--fields: a field is named twice", exit_code=2)
     return chosen
 
 
-def _write_predictions(rows, fmt: PredictFormat, fields: list[str], *, quiet: bool, progress: bool) -> int:
-    """Write rows as they come; returns how many inputs failed."""
+def _write_predictions(batches, fmt: "PredictFormat", fields: list[str], *, classes: list[str], top_k: int, quiet: bool,
+                       progress: bool) -> tuple[int, int]:
+    """Write each batch as it comes and flush; returns (inputs, inputs that failed)."""
     try:
-        return _write_rows(rows, fmt, fields, quiet=quiet, progress=progress)
+        return _write_batches(batches, fmt, fields, classes=classes, top_k=top_k, quiet=quiet, progress=progress)
     except BrokenPipeError:
         raise PipeClosed() from None
 
 
-def _write_rows(rows, fmt: PredictFormat, fields: list[str], *, quiet: bool, progress: bool) -> int:
+def _write_batches(batches, fmt: "PredictFormat", fields: list[str], *, classes: list[str], top_k: int, quiet: bool,
+                   progress: bool) -> tuple[int, int]:
+    import time
+
+    out = sys.stdout
     failed = done = 0
     show = progress and console.err.is_terminal
-    table_rows: list[dict] = []
+    started = last_shown = time.monotonic()
     writer = None
+    table = _StreamTable(fields, classes, top_k) if fmt == PredictFormat.table else None
     if fmt in (PredictFormat.csv, PredictFormat.tsv):
-        writer = csv.writer(sys.stdout, delimiter="," if fmt == PredictFormat.csv else "\t", lineterminator="\n")
+        writer = csv.writer(out, delimiter="," if fmt == PredictFormat.csv else "\t", lineterminator="\n")
         writer.writerow(fields)
-    json_first = True
+    elif table is not None:
+        out.write(table.header())
     if fmt == PredictFormat.json:
-        sys.stdout.write("[")
-    for row in rows:
-        done += 1
-        if "error" in row:
-            failed += 1
-            if not quiet or fmt == PredictFormat.table:
-                console.err.print(f"error: {row['error']}", markup=False, highlight=False)
-        if fmt == PredictFormat.table:
-            table_rows.append(row)
-        elif fmt in (PredictFormat.jsonl, PredictFormat.json):
-            obj = {k: row[k] for k in fields if k in row} if "error" not in row else {k: row[k] for k in ("path", "error")}
-            text = json.dumps(obj)
-            if fmt == PredictFormat.json:
-                text = ("\n  " if json_first else ",\n  ") + text
-                json_first = False
-            sys.stdout.write(text + ("\n" if fmt == PredictFormat.jsonl else ""))
-        else:
-            writer.writerow([_cell(row.get(k)) for k in fields])
-        if done % 32 == 0 or "error" in row:
-            sys.stdout.flush()
-        if show and done % 100 == 0:
-            console.err.print(f"{done} images", end="\r", markup=False)
+        out.write("[")
+    for batch in batches:
+        for row in batch:
+            done += 1
+            if "error" in row:
+                failed += 1
+                if show:
+                    sys.stderr.write("\r\x1b[K")
+                console.err.print(f"error: {row['path']}: {row['error']}", markup=False, highlight=False, soft_wrap=True)
+            if table is not None:
+                out.write(table.line(row))
+            elif writer is not None:
+                writer.writerow([_cell(row.get(k)) for k in fields])
+            else:
+                obj = {k: row[k] for k in fields if k in row} if "error" not in row else {"path": row["path"], "error": row["error"]}
+                text = json.dumps(obj, ensure_ascii=False)
+                if fmt == PredictFormat.json:
+                    out.write(("\n  " if done == 1 else ",\n  ") + text)
+                else:
+                    out.write(text + "\n")
+        out.flush()  # a batch is visible downstream as soon as it is computed
+        now = time.monotonic()
+        if show and now - last_shown > 0.2:
+            last_shown = now
+            sys.stderr.write(f"\r{done} images, {failed} failed, {done / max(now - started, 1e-9):.0f}/s")
+            sys.stderr.flush()
     if fmt == PredictFormat.json:
-        sys.stdout.write("\n]\n" if not json_first else "]\n")
-    sys.stdout.flush()
-    if fmt == PredictFormat.table:
-        _print_prediction_table(table_rows, fields)
-    if not quiet:
-        console.info(f"{done} input(s), {done - failed} predicted, {failed} failed")
-    return failed
+        out.write("\n]\n" if done else "]\n")
+    out.flush()
+    if show:
+        sys.stderr.write("\r\x1b[K")
+    if not quiet and done:
+        elapsed = time.monotonic() - started
+        console.info(f"{done} input(s), {done - failed} predicted, {failed} failed in {elapsed:.1f}s ({done / max(elapsed, 1e-9):.0f}/s)")
+    return done, failed
 
 
 def _cell(value: Any) -> str:
@@ -322,16 +458,44 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _print_prediction_table(rows: list[dict], fields: list[str]) -> None:
-    from rich.table import Table
+class _StreamTable:
+    """Aligned plain-text columns written line by line: a table for people that needs no buffering."""
 
-    table = Table()
-    cols = [f for f in fields if f != "error" or any("error" in r for r in rows)]
-    for c in cols:
-        table.add_column(c, justify="right" if c == "score" else "left")
-    for r in rows:
-        table.add_row(*[_cell(r.get(c)) if c != "score" or r.get(c) is None else f"{r[c]:.4f}" for c in cols])
-    console.out.print(table)
+    def __init__(self, fields: list[str], classes: list[str], top_k: int) -> None:
+        self.fields = fields
+        label_w = max([len("label"), len("unknown")] + [len(c) for c in classes])
+        k = max(1, min(top_k, len(classes)))
+        self.widths = {"label": label_w, "score": 6, "topk": max(4, k * (label_w + 6) + (k - 1) * 2), "path": 4, "error": 5}
+
+    def header(self) -> str:
+        return self._join({f: f for f in self.fields}, header=True)
+
+    def line(self, row: dict) -> str:
+        if "error" in row:
+            cells = {"label": "-", "score": "-", "topk": "-", "path": row["path"], "error": f"error: {row['error']}"}
+        else:
+            cells = {
+                "label": row["label"], "score": f"{row['score']:.4f}", "path": row["path"], "error": "",
+                "topk": "  ".join(f"{t['label']}:{t['score']:.3f}" for t in row["topk"]),
+            }
+        return self._join(cells)
+
+    def _join(self, cells: dict[str, str], header: bool = False) -> str:
+        parts = []
+        last = len(self.fields) - 1
+        for i, f in enumerate(self.fields):
+            text = cells.get(f, "")
+            if f == "path" and not header:
+                self.widths["path"] = max(self.widths["path"], len(text))  # grows with the longest path seen
+            if i == last:
+                parts.append(text)
+                if "error" not in self.fields and cells.get("error"):  # an error is never hidden by --fields
+                    parts.append(cells["error"])
+            elif f == "score":
+                parts.append(text.rjust(self.widths[f]))
+            else:
+                parts.append(text.ljust(self.widths[f]))
+        return "  ".join(parts).rstrip() + "\n"
 
 
 # --- export, info --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line: greppable logs
 
 
 def warn(message: str) -> None:

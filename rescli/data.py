@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from rescli.errors import RescliError, UsageError
-from rescli.images import ImageInfo, cache_file_for, check_images, is_clutter, is_hidden, load_rgb, sniff_format
+from rescli.images import ImageInfo, cache_file_for, check_images, is_clutter, is_hidden, load_rgb, looks_like_image
 
 SPLIT_ALIASES = {
     "train": ("train", "training"),
@@ -41,39 +41,65 @@ class ClassFolderScan:
     empty: list[str] = field(default_factory=list)  # sub-folders without a single image
 
 
-def _walk_files(folder: Path) -> Iterable[Path]:
+def _walk_files(folder: Path, ignored: list[Path]) -> Iterable[Path]:
+    """Files under ``folder``, sorted, following links once. Clutter is skipped silently; hidden things go to ``ignored``."""
+    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        # Hidden and clutter folders (.git, __MACOSX, .ipynb_checkpoints) are never data.
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d) and not is_clutter(d))
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop, or two links to one folder: read it once
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        keep = []
+        for d in sorted(dirnames):
+            if is_clutter(d):  # .git, __MACOSX, .ipynb_checkpoints, @eaDir: never data, never worth a line
+                continue
+            if is_hidden(d):
+                ignored.append(Path(dirpath) / d)  # a hidden folder someone made: named, not read
+                continue
+            keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
-            yield Path(dirpath) / name
+            path = Path(dirpath) / name
+            if is_clutter(name):
+                continue
+            if is_hidden(name):
+                ignored.append(path)
+                continue
+            yield path
 
 
 def scan_class_folders(root: Path) -> ClassFolderScan:
+    """Sort what is under ``root`` into class folders of images, ignored files, and folders without images.
+
+    A file counts as an image when its content or its extension says so (``images.looks_like_image``); whether it
+    really decodes is checked later, so a zero-byte ``.jpg`` ends up reported as broken rather than ignored.
+    """
     scan = ClassFolderScan(root=root, files={})
     try:
         entries = sorted(root.iterdir())
     except OSError as exc:
         raise RescliError(f"{root}: cannot read folder ({exc.strerror or exc})") from None
     for entry in entries:
-        if is_hidden(entry.name) or is_clutter(entry.name):
+        if is_clutter(entry.name):
             continue
-        if entry.is_file():
-            # A loose file beside the class folders belongs to no class.
+        if is_hidden(entry.name) or not entry.is_dir():
+            # Loose files beside the class folders belong to no class; hidden folders are nobody's class.
             scan.ignored.append(entry)
             continue
-        if not entry.is_dir():
-            continue
-        images: list[Path] = []
-        for path in _walk_files(entry):
-            if is_hidden(path.name) or is_clutter(path.name):
-                continue
-            (images if sniff_format(path) else scan.ignored).append(path)
+        images = [p for p in _walk_files(entry, scan.ignored) if _is_image_file(p, scan.ignored)]
         if images:
             scan.files[entry.name] = images
         else:
             scan.empty.append(entry.name)
     return scan
+
+
+def _is_image_file(path: Path, ignored: list[Path]) -> bool:
+    if looks_like_image(path):
+        return True
+    ignored.append(path)
+    return False
 
 
 def find_split_folders(root: Path) -> dict[str, Path]:
@@ -100,10 +126,12 @@ class DatasetIndex:
     classes: list[str]
     splits: dict[str, list[tuple[str, int]]]  # split -> [(absolute path, class index)]
     ignored: list[str] = field(default_factory=list)  # relative POSIX paths
+    ignored_reasons: dict[str, str] = field(default_factory=dict)  # relative path -> why it is not used
     empty_classes: list[str] = field(default_factory=list)
     broken: dict[str, str] = field(default_factory=dict)  # relative path -> reason
     infos: dict[str, ImageInfo] = field(default_factory=dict)  # absolute path -> check result
     split_files: dict[str, dict[str, list[Path]]] = field(default_factory=dict)  # split -> class -> files
+    split_roots: dict[str, Path] = field(default_factory=dict)  # split -> the folder holding its class folders
 
     def rel(self, path: str | Path) -> str:
         try:
@@ -146,10 +174,20 @@ def scan_dataset(
         scans = {"train": scan_class_folders(root)}
 
     index = DatasetIndex(root=root, layout=layout, classes=[], splits={})
+    ignored: list[Path] = []
+    if layout == "split-folders":  # whatever sits beside train/ and val/ is in no split: say so, never drop it silently
+        used = set(split_dirs.values())
+        try:
+            ignored += [p for p in sorted(root.iterdir()) if p not in used and not is_clutter(p.name)]
+        except OSError as exc:
+            raise RescliError(f"{root}: cannot read folder ({exc.strerror or exc})") from None
     for split, scan in scans.items():
-        index.ignored += [index.rel(p) for p in scan.ignored if not (layout == "split-folders" and p.parent == root)]
+        ignored += scan.ignored
         index.empty_classes += [index.rel(scan.root / name) for name in scan.empty]
         index.split_files[split] = scan.files
+        index.split_roots[split] = scan.root
+    index.ignored = sorted(index.rel(p) for p in ignored)
+    index.ignored_reasons = {index.rel(p): _why_ignored(p, set(index.split_roots.values())) for p in ignored}
 
     if check:
         _check_all(index, strict=strict, cache=cache, workers=workers, progress=progress)
@@ -183,6 +221,17 @@ def scan_dataset(
     return index
 
 
+def _why_ignored(path: Path, class_roots: set[Path]) -> str:
+    """Why ``path`` (from a scan's ignored list) is not used, in a few words for skipped.txt and `rescli dataset`."""
+    if is_hidden(path.name):
+        return "hidden folder" if path.is_dir() else "hidden file"
+    if path.parent in class_roots:
+        return "not inside a class folder"
+    if not any(root in path.parents for root in class_roots):  # beside train/ and val/ in a split layout
+        return "outside train/val/test"
+    return "not an image"
+
+
 def _check_all(index: DatasetIndex, *, strict: bool, cache: bool, workers: int | None, progress) -> None:
     """Decode every image once; broken ones leave the index and are reported by name."""
     paths = [str(p) for files in index.split_files.values() for fs in files.values() for p in fs]
@@ -203,15 +252,18 @@ def _check_all(index: DatasetIndex, *, strict: bool, cache: bool, workers: int |
     if strict and index.broken:
         listing = "; ".join(f"{p}: {why}" for p, why in list(index.broken.items())[:5])
         more = f" (+{len(index.broken) - 5} more)" if len(index.broken) > 5 else ""
-        raise RescliError(f"--strict: {len(index.broken)} broken image(s): {listing}{more}")
+        raise RescliError(
+            f"--strict: {len(index.broken)} broken image(s) in {index.root}: {listing}{more}. "
+            f"Fix or remove them, or drop --strict to skip them (`rescli dataset {index.root}` lists them all)"
+        )
     for split, files in index.split_files.items():
         kept: dict[str, list[Path]] = {}
         for cls, fs in files.items():
             good = [p for p in fs if index.infos[str(p)].ok]
             if good:
                 kept[cls] = good
-            else:
-                index.empty_classes.append(index.rel(fs[0].parent))
+            else:  # only broken files: not a class (each broken file is reported on its own)
+                index.empty_classes.append(index.rel(index.split_roots.get(split, index.root) / cls))
         index.split_files[split] = kept
 
 

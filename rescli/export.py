@@ -2,7 +2,9 @@
 
 Both take a normalised float32 NCHW batch and return logits. What is needed to build that
 input and read the output (class names, image size, mean/std, temperature) travels inside
-the file: TorchScript extra file ``rescli.json`` / ONNX ``metadata_props['rescli']``.
+the file: TorchScript extra file ``rescli.json`` / ONNX ``metadata_props['rescli.json']``, a JSON
+object (see ``export_metadata``), so an export can be used without rescli: plain ``torch.jit.load``
+or onnxruntime, plus Pillow for the preprocessing (examples/predict_onnx.py shows how).
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ SUFFIXES = {"torchscript": ".ts", "onnx": ".onnx"}
 META_KEY = "rescli.json"
 
 
-def export_metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
+def export_metadata(ckpt: dict[str, Any], *, source: str | None = None) -> dict[str, Any]:
+    import datetime as _dt
+
     headline = {k: ckpt.get("metrics", {}).get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1") if k in ckpt.get("metrics", {})}
+    settings = ckpt.get("settings", {})
     return {
         "format": "rescli-export",
         "arch": ckpt["arch"],
@@ -39,10 +44,15 @@ def export_metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
         "std": ckpt["std"],
         "temperature": ckpt.get("temperature", 1.0),
         "input": "float32 NCHW RGB, scaled to [0,1] then (x - mean) / std",
+        "preprocess": "RGB (EXIF-upright, transparency on white); resize shorter side to img_size (bilinear); center crop img_size x img_size",
         "output": "logits; softmax(logits / temperature) gives calibrated probabilities",
         "metrics": headline,
         "versions": versions(),
         "trained_with": ckpt.get("versions", {}),
+        # what evaluate needs to rebuild the validation split of the training folder
+        "settings": {k: settings[k] for k in ("data_dir", "val_split", "seed") if k in settings},
+        "source": source,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
@@ -65,10 +75,16 @@ def export_model(
     """Write the export and check it against the checkpoint; returns paths and max |logit difference|."""
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    src = Path(model)
+    from rescli.predict import _run_folder_to_file, model_kind
+
+    src = _run_folder_to_file(Path(model))
+    if src.is_file() and model_kind(src) != "checkpoint":
+        raise RescliError(f"{src}: is already a {model_kind(src)} export; export takes a rescli checkpoint such as runs/run1/best.pt")
     ckpt = load_checkpoint(src)
     out = Path(output) if output else src.with_suffix(SUFFIXES[fmt])
-    meta = export_metadata(ckpt)
+    if out.resolve() == src.resolve():
+        raise UsageError(f"--output {out}: would overwrite the checkpoint; choose another file name")
+    meta = export_metadata(ckpt, source=src.name)
 
     from rescli.models import model_from_checkpoint
 
@@ -226,3 +242,39 @@ def load_onnx_predictor(path: str | os.PathLike):
         classes=meta["classes"], img_size=int(meta["img_size"]), mean=meta["mean"], std=meta["std"],
         temperature=float(meta.get("temperature", 1.0)), logits_fn=logits_fn, kind="onnx", meta=meta,
     )
+
+
+# --- reading an export's metadata (for `rescli info`) -----------------------------------------------------
+
+def describe_export(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata an export carries, plus its parameter count; loads the file, so a broken one fails here."""
+    from rescli.predict import model_kind
+
+    path = Path(path)
+    kind = model_kind(path)
+    if kind == "torchscript":
+        extra = {META_KEY: ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except Exception as exc:
+            raise RescliError(f"{path}: not a readable TorchScript file ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
+        meta = _meta_from(extra[META_KEY], path)
+        params = sum(int(p.numel()) for p in module.parameters())
+    elif kind == "onnx":
+        try:
+            import onnx
+        except ImportError:  # onnxruntime alone is enough to read the metadata
+            predictor = load_onnx_predictor(path)
+            return {"kind": "onnx", "meta": predictor.meta, "parameters": None}
+        try:
+            proto = onnx.load(str(path))
+        except Exception as exc:
+            raise RescliError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
+        props = {p.key: p.value for p in proto.metadata_props}
+        meta = _meta_from(props.get(META_KEY, ""), path)
+        params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    else:
+        raise RescliError(f"{path}: not an export (.ts or .onnx)")
+    return {"kind": kind, "meta": meta, "parameters": params}

@@ -29,6 +29,9 @@ IMAGE_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "MPO", "GIF", "BMP", "
 # We enforce the same pixel limit ourselves and turn it into an ImageError per file. Pillow's warning would only be
 # noise on stderr, and silencing it per call with warnings.catch_warnings() is not thread-safe.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Pillow also warns (without naming the file) about things like corrupt EXIF blocks. A file that fails is reported by
+# name as an ImageError; one that decodes is fine as far as the user is concerned; either way the warning is only noise.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 _BMP_HEADER_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
@@ -119,6 +122,30 @@ def sniff_format(path: str | os.PathLike) -> str | None:
             return _sniff_bytes(f.read(32))
     except OSError:
         return None
+
+
+# Extensions people give the formats we read (and the photo formats we do not read but should name when we meet them).
+# A file with one of these is meant to be an image: if its content is not one we can decode, it is broken, not ignored.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".gif", ".bmp", ".dib", ".webp", ".tif", ".tiff",
+     ".heic", ".heif", ".avif", ".jxl", ".psd"}
+)
+
+
+def looks_like_image(path: str | os.PathLike) -> bool:
+    """True when the file is meant to be an image: its first bytes say so, or its extension does (any case).
+
+    Scanning uses this to split files into images (checked; broken ones are reported by name) and everything else
+    (ignored). A zero-byte ``.jpg`` or a note saved as ``photo.png`` is a broken image, not an ignored file.
+    """
+    if pathlib.PurePath(_name(path)).suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError:
+        return False
+    return _sniff_bytes(head) is not None or _sniff_unsupported(head) is not None
 
 
 def is_hidden(path: str | os.PathLike) -> bool:

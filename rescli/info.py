@@ -10,25 +10,37 @@ from rescli.errors import RescliError
 
 
 def describe_model(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
+    """Architecture, classes, image size, normalisation, metrics, versions of a checkpoint, run folder or export."""
+    from rescli.predict import _run_folder_to_file, model_kind
+
+    path = _run_folder_to_file(Path(path))
     if not path.exists():
         raise RescliError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix in (".onnx", ".ts", ".torchscript"):
-        from rescli.predict import load_predictor
+    if path.is_dir():
+        raise RescliError(f"{path}: is a folder; pass a model file (a run folder's best.pt, or a .ts/.onnx export)")
+    size_mb = round(path.stat().st_size / 1e6, 2)
+    kind = model_kind(path)
+    if kind in ("onnx", "torchscript"):
+        from rescli.export import describe_export
 
-        meta = load_predictor(path, device="cpu", precision="fp32").meta
+        desc = describe_export(path)
+        meta = desc["meta"]
         return {
             "file": str(path),
-            "kind": "onnx" if suffix == ".onnx" else "torchscript",
+            "kind": kind,
+            "size_mb": size_mb,
             "arch": meta.get("arch"),
             "classes": meta.get("classes"),
             "img_size": meta.get("img_size"),
             "mean": meta.get("mean"),
             "std": meta.get("std"),
             "temperature": meta.get("temperature"),
+            "parameters": desc["parameters"],
             "metrics": meta.get("metrics", {}),
+            "source": meta.get("source"),
+            "created": meta.get("created"),
             "versions": meta.get("versions", {}),
+            "trained_with": meta.get("trained_with", {}),
         }
     from rescli.checkpoint import load_checkpoint
 
@@ -39,6 +51,7 @@ def describe_model(path: str | os.PathLike) -> dict[str, Any]:
     return {
         "file": str(path),
         "kind": "checkpoint" + (" (with training state)" if "optimizer" in ckpt else ""),
+        "size_mb": size_mb,
         "arch": ckpt["arch"],
         "arch_kwargs": ckpt.get("arch_kwargs", {}),
         "classes": ckpt["classes"],

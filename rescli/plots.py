@@ -8,6 +8,7 @@ in the same directory, then ``os.replace``) and returns the path. Each PNG also 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -172,7 +173,11 @@ def plot_confusion_matrix(cm: np.ndarray, labels: list[str], path, *, max_classe
                         text = f"{v:.2f}"
                     ax.text(j, i, text, ha="center", va="center", fontsize=cell_size,
                             color="white" if v > 0.55 * vmax else "black")
-    return _save(fig, path, title=title, extra={"Classes shown": n, "Classes total": n_total})
+    # The drawn numbers travel in the PNG's text chunks, so a reader (or a test) can check the figure against metrics.json.
+    return _save(fig, path, title=title, extra={
+        "Classes shown": n, "Classes total": n_total,
+        "Labels": json.dumps(names), "Counts": json.dumps(sub.tolist()),
+    })
 
 
 # --------------------------------------------------------------------------- training curves
@@ -296,7 +301,9 @@ def plot_top_losses(items: list[dict], path, *, max_items: int = 16) -> Path:
         score_txt = f"({score:.2f})" if math.isfinite(score) else ""
         loss_txt = f"loss {loss:.2f}" if math.isfinite(loss) else ""
         ax.set_title(f"{label} {score_txt}\n{loss_txt}".strip(), fontsize=9, color="firebrick")
-    return _save(fig, path, title=title)
+    drawn = [{"path": str(it.get("path")), "true": str(it.get("true")), "predicted": str(it.get("predicted")),
+              "score": _to_float(it.get("score")), "loss": _to_float(it.get("loss"))} for it in items]
+    return _save(fig, path, title=title, extra={"Items": json.dumps(drawn)})
 
 
 # --------------------------------------------------------------------------- reliability
@@ -357,10 +364,12 @@ def plot_reliability(probs: np.ndarray, labels: np.ndarray, path, *, n_bins: int
         eces.append(_reliability_panel(ax_top, ax_bottom, p, labels, n_bins, name, color))
     if len(eces) == 2:
         title = f"Reliability diagram: ECE {eces[0]:.4f} {_ARROW} {eces[1]:.4f} with temperature scaling"
+        extra = {"ECE before": repr(eces[0]), "ECE": repr(eces[1]), "Temperature": repr(float(temperature))}
     else:
         title = f"Reliability diagram: ECE {eces[0]:.4f}"
+        extra = {"ECE": repr(eces[0])}
     fig.suptitle(title, fontsize=12)
-    return _save(fig, path, title=title)
+    return _save(fig, path, title=title, extra=extra)
 
 
 # --------------------------------------------------------------------------- LR finder

@@ -1,49 +1,85 @@
 """Prediction: find the model, turn inputs into paths, stream labelled results in input order.
 
-Decoding runs in a small thread pool ahead of the model (Pillow and torch both release the
-GIL), so the next batch is being decoded while the model works on this one, and at most a
-few batches are in memory however many paths come in.
+A feeder thread reads the inputs lazily (stdin, list files, folder walks) and hands each path to a
+small pool of decode threads (Pillow and torch both release the GIL), staying at most
+``lookahead`` paths ahead of the model. So the next batch is decoded while the model works on
+this one, only a bounded number of images is ever in memory however many paths come in, and a
+slow producer (``tail -f``, a ``find`` over a network share) still sees results as soon as its
+first paths are labelled: a batch goes to the model when it is full or when the input pauses.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import os
+import queue
 import sys
-from collections import deque
+import threading
+import time
+import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from rescli import data
 from rescli.checkpoint import load_checkpoint
 from rescli.errors import RescliError, UsageError
-from rescli.images import is_clutter, is_hidden, load_rgb, sniff_format
+from rescli.images import ImageError, is_clutter, is_hidden, load_rgb, looks_like_image
 from rescli.runtime import Runtime, select_runtime
 
 GLOB_CHARS = set("*?[")
+TORCHSCRIPT_SUFFIXES = (".ts", ".torchscript", ".jit")
 
 
 # --- which model -------------------------------------------------------------------------------------
 
 def resolve_model_path(model: str | os.PathLike | None, *, cwd: str | os.PathLike = ".") -> tuple[Path, str]:
-    """--model, else $RESCLI_MODEL, else the newest runs/*/best.pt under ``cwd``; says which rule chose it."""
-    if model:
-        return Path(model).expanduser(), "--model"
+    """--model, else $RESCLI_MODEL, else the newest runs/*/best.pt under ``cwd``; says which rule chose it.
+
+    A run folder stands for its best.pt; the word ``latest`` for the newest runs/*/best.pt.
+    """
+    if model and not (str(model) == "latest" and not Path(model).exists()):
+        return _run_folder_to_file(Path(model).expanduser()), "--model"
     env = os.environ.get("RESCLI_MODEL")
-    if env:
-        return Path(env).expanduser(), "RESCLI_MODEL"
+    if env and not model:  # "latest" means the newest run, whatever RESCLI_MODEL says
+        return _run_folder_to_file(Path(env).expanduser()), "RESCLI_MODEL"
     candidates = sorted(Path(cwd).glob("runs/*/best.pt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise UsageError(
             "no model given: pass --model PATH, set RESCLI_MODEL, or run `rescli finetune DATA` here first (it writes runs/*/best.pt)"
         )
     return candidates[-1], "newest runs/*/best.pt"
+
+
+def _run_folder_to_file(path: Path) -> Path:
+    if path.is_dir() and (path / "best.pt").is_file():
+        return path / "best.pt"
+    return path
+
+
+def model_kind(path: str | os.PathLike) -> str:
+    """checkpoint, torchscript or onnx: by suffix, else by content (a TorchScript archive holds code/)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "onnx"
+    if suffix in TORCHSCRIPT_SUFFIXES:
+        return "torchscript"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith(b"PK"):
+            with zipfile.ZipFile(path) as z:
+                if any("/code/" in n or n.endswith("constants.pkl") for n in z.namelist()):
+                    return "torchscript"
+        elif head[:1] == b"\x08" and head[2:3] == b"\x12":  # ONNX ModelProto: ir_version, then producer_name
+            return "onnx"
+    except (OSError, zipfile.BadZipFile):
+        pass
+    return "checkpoint"
 
 
 # --- predictors: checkpoint, TorchScript, ONNX ---------------------------------------------------------
@@ -82,15 +118,18 @@ def torch_logits_fn(model: torch.nn.Module, *, runtime: Runtime, mean, std) -> C
 
 
 def load_predictor(path: str | os.PathLike, *, device: str = "auto", precision: str = "auto") -> Predictor:
-    path = Path(path)
+    """A checkpoint (.pt), TorchScript export (.ts) or ONNX export (.onnx) as a Predictor; a run folder means its best.pt."""
+    path = _run_folder_to_file(Path(path))
     if not path.exists():
         raise RescliError(f"{path}: no such model file")
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
+    if path.is_dir():
+        raise RescliError(f"{path}: is a folder; pass a model file (a run folder's best.pt, or a .ts/.onnx export)")
+    kind = model_kind(path)
+    if kind == "onnx":
         from rescli.export import load_onnx_predictor
 
         return load_onnx_predictor(path)
-    if suffix in (".ts", ".torchscript"):
+    if kind == "torchscript":
         from rescli.export import load_torchscript_predictor
 
         return load_torchscript_predictor(path, device=device, precision=precision)
@@ -113,26 +152,60 @@ def load_predictor(path: str | os.PathLike, *, device: str = "auto", precision: 
 
 # --- inputs -------------------------------------------------------------------------------------------
 
+class BadInput(str):
+    """An input that names no image (a pattern matching nothing, a folder without images): becomes an error row."""
+
+    reason: str
+
+    def __new__(cls, value: str, reason: str) -> "BadInput":
+        obj = super().__new__(cls, value)
+        obj.reason = reason
+        return obj
+
+
+def _is_list_file(item: str) -> bool:
+    return item.startswith("@") and len(item) > 1 and not os.path.exists(item)
+
+
+def check_inputs(inputs: Sequence[str]) -> None:
+    """Usage errors found before any result is written: '-' twice, a list file that cannot be read."""
+    if not inputs:
+        raise UsageError("no inputs: give image files, folders, quoted globs, '-' (paths on stdin) or @LIST")
+    if list(inputs).count("-") > 1:
+        raise UsageError("'-' (paths on stdin) can be given only once")
+    for item in inputs:
+        if _is_list_file(item):
+            try:
+                with open(Path(item[1:]).expanduser(), "rb"):
+                    pass
+            except OSError as exc:
+                raise UsageError(f"{item}: cannot read list file ({exc.strerror or exc})") from None
+
+
 def iter_input_paths(
-    inputs: Sequence[str], *, stdin: IO[str] | None = None, null_separated: bool = False
+    inputs: Sequence[str], *, stdin: IO | None = None, null_separated: bool = False
 ) -> Iterator[str]:
-    """Expand files, folders (recursive), quoted globs, '-' (paths on stdin) and '@list.txt', lazily, in order."""
+    """Expand files, folders (recursive), quoted globs, '-' (paths on stdin) and '@list.txt', lazily, in order.
+
+    Paths on stdin and in list files are one per line, or NUL-separated with ``null_separated``; they are
+    read as bytes and decoded like the OS decodes file names, so any file name survives.
+    """
     for item in inputs:
         if item == "-":
             yield from _read_paths(stdin if stdin is not None else sys.stdin, null_separated=null_separated)
-        elif item.startswith("@") and len(item) > 1 and not os.path.exists(item):
+        elif _is_list_file(item):
             list_file = Path(item[1:]).expanduser()
             try:
-                with open(list_file, encoding="utf-8") as f:
+                with open(list_file, "rb") as f:
                     yield from _read_paths(f, null_separated=null_separated)
             except OSError as exc:
                 raise UsageError(f"{item}: cannot read list file ({exc.strerror or exc})") from None
         elif os.path.isdir(item):
-            yield from _images_under(Path(item))
+            yield from _folder(item)
         elif not os.path.exists(item) and GLOB_CHARS & set(item):
             matches = sorted(glob.iglob(os.path.expanduser(item), recursive=True))
             if not matches:
-                yield item  # reported as an error row: the user asked for it
+                yield BadInput(item, "no file matches this pattern")
             for m in matches:
                 if os.path.isdir(m):
                     yield from _images_under(Path(m))
@@ -142,23 +215,47 @@ def iter_input_paths(
             yield item
 
 
-def _read_paths(stream: IO[str], *, null_separated: bool) -> Iterator[str]:
-    if null_separated:
-        buf = ""
-        while True:
-            chunk = stream.read(65536)
-            if not chunk:
-                break
-            buf += chunk
-            *items, buf = buf.split("\0")
-            yield from (i for i in items if i)
-        if buf:
-            yield buf
-        return
-    for line in stream:
-        line = line.rstrip("\r\n")
-        if line.strip():
-            yield line
+def _folder(item: str) -> Iterator[str]:
+    found = False
+    for path in _images_under(Path(item)):
+        found = True
+        yield path
+    if not found:
+        yield BadInput(item, "no images found in this folder")
+
+
+def _read_paths(stream: IO, *, null_separated: bool) -> Iterator[str]:
+    raw = getattr(stream, "buffer", stream)  # bytes when we can: file names need not be UTF-8
+    read = getattr(raw, "read1", None) or raw.read  # read1: take what has arrived, do not wait for a full chunk
+    buf = None
+    first = True
+    while True:
+        chunk = read(65536)
+        if not chunk:
+            break
+        buf = chunk if buf is None else buf + chunk
+        sep = (b"\0" if null_separated else b"\n") if isinstance(buf, bytes) else ("\0" if null_separated else "\n")
+        *items, buf = buf.split(sep)
+        for item in items:
+            path = _clean_path(item, null_separated=null_separated, first=first)
+            first = False
+            if path:
+                yield path
+    if buf:
+        path = _clean_path(buf, null_separated=null_separated, first=first)
+        if path:
+            yield path
+
+
+def _clean_path(item: bytes | str, *, null_separated: bool, first: bool) -> str | None:
+    path = os.fsdecode(item) if isinstance(item, bytes) else item
+    if first and path.startswith("\ufeff"):  # a byte-order mark from Windows editors
+        path = path[1:]
+    if not null_separated:
+        path = path.rstrip("\r\n")
+        if not path.strip():
+            return None
+    return path or None
 
 
 def _images_under(folder: Path) -> Iterator[str]:
@@ -168,22 +265,35 @@ def _images_under(folder: Path) -> Iterator[str]:
             if is_hidden(name) or is_clutter(name):
                 continue
             path = os.path.join(dirpath, name)
-            if sniff_format(path):
+            if looks_like_image(path):  # by content or extension: a zero-byte photo.jpg becomes an error row, not silence
                 yield path
 
 
 # --- streaming ----------------------------------------------------------------------------------------
 
 def _load(path: str, transform, draft_size: int) -> tuple[str, torch.Tensor | None, str | None]:
+    """(path, uint8 tensor, None) or (path, None, why it failed); never raises."""
+    if isinstance(path, BadInput):
+        return str(path), None, path.reason
     try:
         return path, transform(load_rgb(path, draft_size=draft_size)), None
+    except ImageError as exc:
+        return path, None, exc.reason
     except RescliError as exc:
         return path, None, exc.message
     except Exception as exc:  # never let one odd file stop a pipeline over thousands
-        return path, None, f"{path}: {type(exc).__name__}: {exc}"
+        return path, None, f"{type(exc).__name__}: {exc}"
 
 
-def predict_stream(
+_END = object()
+
+
+class _FeedFailed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def predict_batches(
     paths: Iterable[str],
     *,
     predictor: Predictor,
@@ -192,57 +302,121 @@ def predict_stream(
     top_k: int = 1,
     raw_scores: bool = False,
     threshold: float | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Yield one result dict per path, in input order, a batch at a time."""
+    lookahead: int | None = None,
+    linger: float = 0.05,
+) -> Iterator[list[dict[str, Any]]]:
+    """Yield one list of result dicts per batch, one dict per path, in input order.
+
+    At most ``lookahead`` (default 2 x batch_size) paths are taken from ``paths`` beyond the batch being
+    predicted, so memory does not grow with the number of inputs. A batch is run when it is full, or
+    when no further path has arrived ``linger`` seconds after its first one.
+    """
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     k = max(1, min(top_k, len(predictor.classes)))
     transform = predictor.transform()
     temperature = 1.0 if raw_scores else predictor.temperature
+    lookahead = max(1, lookahead if lookahead is not None else 2 * batch_size)
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rescli-decode")
-    pending: deque[Future] = deque()
-    lookahead = batch_size * 3  # decode up to ~3 batches ahead; memory stays bounded
-    it = iter(paths)
+    ready: queue.Queue = queue.Queue(maxsize=lookahead)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def feed() -> None:
+        try:
+            for path in paths:
+                if stop.is_set():
+                    return
+                future = pool.submit(_load, path, transform, predictor.img_size)
+                if not put(future):
+                    future.cancel()
+                    return
+            put(_END)
+        except BaseException as exc:  # an unreadable list file, a stdin decoding problem: re-raised in the caller
+            put(_FeedFailed(exc))
+
+    feeder = threading.Thread(target=feed, name="rescli-inputs", daemon=True)
+    feeder.start()
     try:
-        exhausted = False
-        while True:
-            while not exhausted and len(pending) < lookahead:
+        ended = False
+        failure: BaseException | None = None
+        while not ended:
+            first = ready.get()
+            if first is _END:
+                break
+            if isinstance(first, _FeedFailed):
+                raise first.exc
+            batch: list[Future] = [first]
+            deadline = time.monotonic() + linger
+            while len(batch) < batch_size:
                 try:
-                    path = next(it)
-                except StopIteration:
-                    exhausted = True
+                    item = ready.get_nowait()
+                except queue.Empty:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        break
+                    try:
+                        item = ready.get(timeout=wait)
+                    except queue.Empty:
+                        break
+                if item is _END:
+                    ended = True
                     break
-                pending.append(pool.submit(_load, path, transform, predictor.img_size))
-            if not pending:
-                return
-            batch = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
-            yield from _predict_batch(batch, predictor, k=k, temperature=temperature, threshold=threshold)
+                if isinstance(item, _FeedFailed):
+                    ended, failure = True, item.exc
+                    break
+                batch.append(item)
+            yield _predict_batch([f.result() for f in batch], predictor, k=k, temperature=temperature, threshold=threshold)
+            if failure is not None:
+                raise failure
     finally:
-        for f in pending:
-            f.cancel()
+        stop.set()
+        while True:
+            try:
+                item = ready.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Future):
+                item.cancel()
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _predict_batch(batch, predictor: Predictor, *, k: int, temperature: float, threshold: float | None) -> Iterator[dict]:
-    good = [(p, t) for p, t, e in batch if t is not None]
-    probs = None
+def predict_stream(paths: Iterable[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """Like predict_batches, one result dict at a time."""
+    for batch in predict_batches(paths, **kwargs):
+        yield from batch
+
+
+def _predict_batch(batch, predictor: Predictor, *, k: int, temperature: float, threshold: float | None) -> list[dict]:
+    good = [t for _, t, _ in batch if t is not None]
     if good:
-        logits = predictor.logits(torch.stack([t for _, t in good]))
-        probs = torch.softmax(logits / temperature, dim=1)
+        logits = predictor.logits(torch.stack(good))
+        probs = torch.softmax(logits.float() / temperature, dim=1)
         top_scores, top_idx = probs.topk(k, dim=1)
+        top_scores, top_idx = top_scores.tolist(), top_idx.tolist()
+    rows: list[dict] = []
     row = 0
     for path, tensor, error in batch:
         if tensor is None:
-            yield {"path": path, "error": error}
+            rows.append({"path": path, "error": error})
             continue
-        scores, idx = top_scores[row].tolist(), top_idx[row].tolist()
+        scores, idx = top_scores[row], top_idx[row]
         row += 1
         label = predictor.classes[idx[0]]
         if threshold is not None and scores[0] < threshold:
             label = "unknown"
-        yield {
+        rows.append({
             "path": path,
             "label": label,
             "score": round(scores[0], 6),
             "topk": [{"label": predictor.classes[i], "score": round(s, 6)} for i, s in zip(idx, scores)],
-        }
+        })
+    return rows

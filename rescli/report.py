@@ -306,12 +306,30 @@ def _most_confused_section(metrics: dict) -> str:
         return _na("Not available.")
     pairs = [p for p in pairs if isinstance(p, dict)]
     if not pairs:
-        return '<p>No confusions: every validation image was classified correctly.</p>'
+        return '<p>No confusions: every image was classified correctly.</p>'
     rows = "".join(
         f'<tr><td>{_e(p.get("true"))}</td><td>{_e(p.get("predicted"))}</td><td class="num">{_num(p.get("count"))}</td></tr>'
         for p in pairs
     )
     return f'<table><tr><th>true</th><th>predicted as</th><th class="num">count</th></tr>{rows}</table>'
+
+
+def _top_losses_table(metrics: dict) -> str:
+    items = metrics.get("top_losses")
+    if not isinstance(items, list) or not items:
+        return ""
+    rows = "".join(
+        f'<tr><td>{_e(os.path.basename(str(it.get("path", ""))))}</td><td>{_e(it.get("true"))}</td>'
+        f'<td>{_e(it.get("predicted"))}</td><td class="num">{_num(it.get("score"))}</td>'
+        f'<td class="num">{_num(it.get("loss"))}</td></tr>'
+        for it in items if isinstance(it, dict)
+    )
+    return ('<table><tr><th>image</th><th>true</th><th>predicted</th><th class="num">score of predicted</th>'
+            f'<th class="num">loss</th></tr>{rows}</table>')
+
+
+def _evaluation_section(evaluated: dict) -> str:
+    return _kv_table(evaluated)
 
 
 def _calibration_section(run_dir: Path, metrics: dict) -> str:
@@ -321,6 +339,8 @@ def _calibration_section(run_dir: Path, metrics: dict) -> str:
                       ("ece", "ECE (after)")):
         if metrics.get(key) is not None:
             info[name] = _num(metrics[key])
+    if metrics.get("temperature_source"):
+        info["Temperature from"] = _e(metrics["temperature_source"])
     table = ""
     if info:
         table = '<table class="kv">' + "".join(f'<tr><td>{_e(k)}</td><td class="num">{v}</td></tr>'
@@ -356,16 +376,25 @@ def write_html_report(run_dir: str | os.PathLike, *, output: str | os.PathLike |
         subtitle_bits.append(f"{n_classes} classes")
     subtitle_bits.append(f"report written {_e(_dt.datetime.now().isoformat(timespec='seconds'))}")
 
-    sections = [
-        ("settings", "Settings", _settings_section(run)),
-        ("training", "Training curves", _training_section(run_path, history)),
-        ("metrics", "Headline metrics", _metrics_section(metrics)),
+    # Numbers first (what a reader of a PR wants), the long settings table last.
+    evaluated = metrics.get("evaluated") if isinstance(metrics.get("evaluated"), dict) else None
+    eval_folder = bool(evaluated) and not isinstance(run, dict)  # a `rescli evaluate` output folder, not a run folder
+    what = "evaluated images" if eval_folder else "validation images"
+    sections = [("metrics", "Headline metrics", _metrics_section(metrics))]
+    if not eval_folder:
+        sections.append(("training", "Training curves", _training_section(run_path, history)))
+    sections += [
         ("per-class", "Per-class metrics", _per_class_section(metrics)),
         ("confusion", "Confusion matrix", _figure(run_path, "confusion", "confusion matrix") + _cm_table(metrics)),
         ("most-confused", "Most-confused pairs", _most_confused_section(metrics)),
-        ("mistakes", "Mistakes (top losses)", _figure(run_path, "top_losses", "highest-loss validation images")),
+        ("mistakes", "Mistakes (top losses)",
+         _figure(run_path, "top_losses", f"highest-loss {what}") + _top_losses_table(metrics)),
         ("calibration", "Calibration", _calibration_section(run_path, metrics)),
     ]
+    if eval_folder:
+        sections.append(("evaluation", "Evaluation", _evaluation_section(evaluated)))
+    else:
+        sections.append(("settings", "Settings", _settings_section(run)))
     nav = "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t, _ in sections)
     title = f"rescli report: {run_path.name}"
     document = (

@@ -28,7 +28,7 @@ from torch import nn
 from rescli import console, data, models
 from rescli.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, make_checkpoint, save_checkpoint
 from rescli.errors import RescliError, UsageError
-from rescli.evaluate import EvalResult, metrics_from, run_eval
+from rescli.evaluate import EvalResult, run_eval, write_evaluation
 from rescli.predict import torch_logits_fn
 from rescli.runtime import Runtime, default_workers, select_runtime
 
@@ -459,6 +459,10 @@ def finetune(
 
             model.eval()
             ev = run_eval(eval_logits, val_loader)
+            for _, msg in ev.failures:  # a validation file that vanished or broke since the scan: named once, run goes on
+                if msg not in warned:
+                    warned.add(msg)
+                    console.warn(f"skipped during validation: {msg}")
             seconds = time.perf_counter() - t0
             row = {
                 "epoch": epoch + 1,
@@ -497,12 +501,15 @@ def finetune(
         model.load_state_dict(best["model"])
         model.eval()
         best_eval = run_eval(eval_logits, val_loader)
-    metrics = metrics_from(best_eval, classes)
-    metrics.update(best_epoch=best_epoch + 1, epochs_run=len(history), stopped_early=stopped_early)
+    # Temperature fitted on the validation split; metrics.json, predictions.csv, the PNGs and report.html.
+    metrics = write_evaluation(
+        out_dir=run_dir, ev=best_eval, classes=classes, fit=True, history=history,
+        extra=dict(best_epoch=best_epoch + 1, epochs_run=len(history), stopped_early=stopped_early),
+    )
     best_ckpt = load_checkpoint(run_dir / "best.pt")
     best_ckpt["metrics"] = metrics
+    best_ckpt["temperature"] = float(metrics["temperature"])
     save_checkpoint(best_ckpt, run_dir / "best.pt")
-    atomic_write_json(run_dir / "metrics.json", metrics)
     return {"run_dir": str(run_dir), "metrics": metrics, "history": history, "classes": classes}
 
 
@@ -514,10 +521,10 @@ def report_scan(index: data.DatasetIndex, run_dir: Path | None) -> None:
         console.info(f"not a class (no usable images): {', '.join(sorted(set(index.empty_classes)))}")
     if index.ignored:
         shown = ", ".join(index.ignored[:5]) + (f" (+{len(index.ignored) - 5} more)" if len(index.ignored) > 5 else "")
-        console.info(f"ignored {len(index.ignored)} non-image file(s): {shown}")
+        console.info(f"ignored {len(index.ignored)} file(s) that are not images or not in a class folder: {shown}")
     if run_dir is not None:
         lines = [f"broken\t{rel}\t{why}" for rel, why in index.broken.items()]
-        lines += [f"ignored\t{rel}\tnot an image" for rel in index.ignored]
+        lines += [f"ignored\t{rel}\t{index.ignored_reasons.get(rel, 'not an image')}" for rel in index.ignored]
         lines += [f"empty\t{rel}\tno usable images" for rel in sorted(set(index.empty_classes))]
         atomic_write_text(run_dir / "skipped.txt", "".join(line + "\n" for line in lines))
 

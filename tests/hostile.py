@@ -165,3 +165,125 @@ def make_hostile_class_folder(root: pathlib.Path) -> dict:
         "empty_classes": ["empty", "junk"],
         "duplicates": [["cats/red.png", "dogs/red_copy.png"]],
     }
+
+
+# --- real photos -------------------------------------------------------------------------------------------------
+
+
+def sample_photos() -> dict[str, Image.Image]:
+    """The two real photos scikit-learn ships (china.jpg: a pagoda under a hazy sky; flower.jpg: a dahlia), 640x427."""
+    import sklearn.datasets
+
+    folder = pathlib.Path(sklearn.datasets.__file__).parent / "images"
+    photos = {}
+    for name in ("china", "flower"):
+        with Image.open(folder / f"{name}.jpg") as img:
+            photos[name] = img.convert("RGB")
+    return photos
+
+
+# Regions (left, top, right, bottom) of the sample photos that look alike within a class and unlike across classes.
+PHOTO_CLASSES = {
+    "temple": ("china", (110, 20, 350, 420)),
+    "sky": ("china", (380, 0, 640, 190)),
+    "flower": ("flower", (160, 80, 470, 380)),
+}
+
+
+def photo_crop(photos: dict[str, Image.Image], cls: str, i: int) -> Image.Image:
+    """The i-th seeded crop of class ``cls``: a random window of its region, shrunk to a small photo (40-64 px wide)."""
+    source, (left, top, right, bottom) = PHOTO_CLASSES[cls]
+    rng = random.Random(f"{cls}-{i}")
+    w = rng.randint(90, min(170, right - left))
+    h = rng.randint(int(w * 0.6), min(w, bottom - top))
+    x, y = rng.randint(left, right - w), rng.randint(top, bottom - h)
+    out_w = rng.randint(40, 64)
+    return photos[source].crop((x, y, x + w, y + h)).resize((out_w, max(24, out_w * h // w)), Image.Resampling.LANCZOS)
+
+
+def make_messy_photo_folder(root: pathlib.Path, *, per_class: int = 8) -> dict:
+    """A folder of real photo crops in three classes, salted like a real download: broken files, odd-but-valid images,
+    clutter, notes, an empty class folder and a duplicate across classes. Returns what a correct reader sees (as
+    make_hostile_class_folder does): classes, good {class: [paths]}, broken, ignored, clutter, empty_classes, duplicates.
+    """
+    root = pathlib.Path(root)
+    photos = sample_photos()
+    good: dict[str, list[str]] = {cls: [] for cls in sorted(PHOTO_CLASSES)}
+
+    def add(cls: str, name: str, data: bytes) -> None:
+        good[cls].append(_write(root, f"{cls}/{name}", data))
+
+    for cls in PHOTO_CLASSES:
+        for i in range(per_class):
+            ext = ("JPG", "jpg", "jpeg")[i % 3]  # cameras write .JPG, people rename to .jpg / .jpeg
+            add(cls, f"IMG_{i:04d}.{ext}", _encode(photo_crop(photos, cls, i), "JPEG", quality=90))
+
+    # Odd but valid: each must be trained on, upright and in the right colours.
+    upright = photo_crop(photos, "temple", 100)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored turned clockwise; viewers (and rescli) turn it back
+    add("temple", "phone_portrait.jpg", _encode(upright.transpose(Image.Transpose.ROTATE_270), "JPEG", exif=exif.tobytes()))
+    add("temple", "print_cmyk.jpg", _encode(photo_crop(photos, "temple", 101).convert("CMYK"), "JPEG", quality=90))
+    add("flower", "actually_png.jpg", _encode(photo_crop(photos, "flower", 100), "PNG"))
+    gray16 = photo_crop(photos, "flower", 101).convert("L").point(lambda v: v * 257, "I").convert("I;16")
+    add("flower", "scan_16bit.png", _encode(gray16, "PNG"))
+    rgba = photo_crop(photos, "flower", 102).convert("RGBA")
+    rgba.putalpha(Image.new("L", rgba.size, 200))
+    add("flower", "cutout.PNG", _encode(rgba, "PNG"))
+    add("sky", "shared.webp", _encode(photo_crop(photos, "sky", 100), "WEBP", quality=90))
+    add("sky", "palette.gif", _encode(photo_crop(photos, "sky", 101).convert("P", palette=Image.Palette.ADAPTIVE), "GIF"))
+    add("sky", "scan.TIFF", _encode(photo_crop(photos, "sky", 102), "TIFF"))
+    dup = _encode(photo_crop(photos, "sky", 103), "JPEG", quality=90)
+    add("sky", "IMG_9000.jpg", dup)
+    add("temple", "IMG_9000 (1).jpg", dup)  # the same photo filed under two classes: a label conflict
+
+    cut = _encode(photo_crop(photos, "flower", 103).resize((96, 64)), "JPEG", quality=95)
+    broken = sorted([
+        _write(root, "temple/IMG_0100.jpg", b""),  # zero bytes: a failed copy
+        _write(root, "flower/download.jpg", cut[: len(cut) * 2 // 3]),  # a download cut off mid-file
+        _write(root, "sky/IMG_0101.JPG", b"<html><body>403 Forbidden</body></html>\n"),  # a web error page saved as a photo
+        _write(root, "temple/thumb.webp", random.Random(3).randbytes(200)),  # garbage
+        _write(root, "sky/bad.tif", b"II*\x00" + random.Random(4).randbytes(60)),  # a TIFF header and nothing sensible
+    ])
+    ignored = sorted([
+        _write(root, "README.md", b"# my photos\n"),
+        _write(root, "flower/notes.txt", b"shot in june\n"),
+        _write(root, "temple/.hidden_edit.jpg", _encode(photo_crop(photos, "temple", 102), "JPEG")),
+        _write(root, "drafts/todo.txt", b"sort these\n"),
+    ])
+    clutter = [
+        _write(root, ".DS_Store", b"\x00\x00\x00\x01Bud1" + bytes(64)),
+        _write(root, "sky/.DS_Store", b"\x00\x00\x00\x01Bud1" + bytes(64)),
+        _write(root, "temple/Thumbs.db", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(64)),
+        _write(root, "flower/._IMG_0001.jpg", b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(40)),
+        _write(root, "__MACOSX/flower/._IMG_0001.jpg", b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(40)),
+    ]
+    (root / "empty").mkdir()
+    return {
+        "classes": sorted(good),
+        "good": {cls: sorted(rels) for cls, rels in good.items()},
+        "broken": broken,
+        "ignored": ignored,
+        "clutter": clutter,
+        "empty_classes": ["drafts", "empty"],
+        "duplicates": [["sky/IMG_9000.jpg", "temple/IMG_9000 (1).jpg"]],
+    }
+
+
+def snapshot(root: pathlib.Path) -> dict[str, str]:
+    """Every path under ``root`` (hidden and clutter included) -> sha256 of its bytes, or "dir" / "link:<target>"."""
+    import hashlib
+    import os
+
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = pathlib.Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                out[rel] = f"link:{os.readlink(path)}"
+            elif path.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
