@@ -28,6 +28,17 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
+    epilog="""
+Examples:
+
+    rescli finetune ./images                          # train; writes runs/run1/best.pt
+    rescli predict ./new_photos --format jsonl | jq -r '.label'
+    rescli export runs/run1 --format onnx -o model.onnx
+    rescli info model.onnx
+    rescli --install-completion                       # tab completion in your shell
+
+Run `rescli COMMAND --help` for each command's options and examples.
+""",
 )
 
 
@@ -82,7 +93,11 @@ Examples:
     rescli finetune ./images --depth 50 --epochs 10 --batch-size 64
     rescli finetune sample_data --weights none --img-size 32 --epochs 3
     rescli finetune ./more --weights runs/run1/best.pt --strategy head
-    rescli finetune --resume runs/run3               # continue an interrupted run
+    rescli finetune ./images --lr auto               # LR range test first (lr_find.png in the run folder)
+    rescli finetune ./images --augment strong --mixup 0.2 --cutmix 1.0 --epochs 20
+    rescli finetune ./images --weights my_resnet18.pth --strategy full
+    rescli finetune --resume runs/run3               # continue an interrupted run (Ctrl-C saves last.pt)
+    rescli finetune --resume runs/run3 --epochs 10   # ... or train it longer
 """)
 def finetune(
     data_dir: Optional[Path] = typer.Argument(None, help="Folder with one sub-folder per class, or train/ + val/ (+ test/) split folders."),
@@ -95,10 +110,13 @@ def finetune(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs to train [default: 5]; with --resume, the new total."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per step."),
     img_size: int = typer.Option(224, "--img-size", help="Square input size in pixels."),
-    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate of the head (AdamW, warmup + cosine)."),
+    lr: str = typer.Option("2e-3", "--lr", help="Peak learning rate of the head (AdamW, warmup + cosine), or auto: run the LR range test (rescli lr-find) first."),
     weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay (not applied to norms and biases)."),
     label_smoothing: float = typer.Option(0.1, "--label-smoothing", help="Label smoothing of the training loss."),
     augment: str = typer.Option("light", "--augment", help="none | light (crops, flips) | strong (+ TrivialAugment)."),
+    mixup: float = typer.Option(0.0, "--mixup", help="Mixup alpha (e.g. 0.2); 0 = off."),
+    cutmix: float = typer.Option(0.0, "--cutmix", help="CutMix alpha (e.g. 1.0); 0 = off. With --mixup too, each batch uses one of them."),
+    cache_features: bool = typer.Option(True, "--cache-features/--no-cache-features", help="--strategy head with --augment none: compute backbone features once and train the head on them."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Stop after this many epochs without a better validation accuracy."),
     balance: bool = typer.Option(False, "--balance", help="Weight the loss by inverse class frequency (for imbalanced folders)."),
     val_split: float = typer.Option(0.2, "--val-split", help="Fraction held out for validation when DATA_DIR has no val/ folder."),
@@ -118,12 +136,14 @@ def finetune(
     if resume is None:
         if data_dir is None:
             raise RescliError("missing DATA_DIR (or pass --resume RUN_DIR)", exit_code=2)
-        arch_kwargs = {"shortcut": shortcut.upper()} if shortcut else {}
+        arch_name = models.arch_name(depth=depth, arch=arch)
+        arch_kwargs = models.check_arch_kwargs(arch_name, {"shortcut": shortcut} if shortcut else {})  # exit 2 before any work
         settings = TrainSettings(
-            data_dir=str(data_dir), arch=models.arch_name(depth=depth, arch=arch), arch_kwargs=arch_kwargs, weights=weights,
+            data_dir=str(data_dir), arch=arch_name, arch_kwargs=arch_kwargs, weights=weights,
             strategy=strategy, freeze_epochs=freeze_epochs, epochs=epochs or 5, batch_size=batch_size, img_size=img_size,
             lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, patience=patience,
             balance=balance, val_split=val_split, seed=seed, workers=workers, device=device, precision=precision, strict=strict,
+            mixup=mixup, cutmix=cutmix, cache_features=cache_features,
         )
         result = run_finetune(settings=settings, output=output)
     else:
@@ -148,12 +168,73 @@ def finetune(
     from rich.table import Table
 
     table = Table(title="finetune", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # paths wrap instead of ending in "…": they are meant to be copied
     for key, value in summary.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.out.print(table)
     if m.get("per_class"):
         _print_class_tables(m)
     console.info(f"next: rescli evaluate {summary['best_checkpoint']} DATA_DIR  ·  rescli predict IMAGES --model {summary['best_checkpoint']}")
+
+
+# --- lr-find ---------------------------------------------------------------------------------------------
+
+@app.command("lr-find", epilog="""
+Examples:
+
+    rescli lr-find ./images                          # prints the suggested LR, writes lr_find.png
+    rescli lr-find ./images --weights none --img-size 32 --output curve.png
+    LR=$(rescli lr-find ./images --format json | jq .suggested_lr); rescli finetune ./images --lr $LR
+    rescli finetune ./images --lr auto               # the same test, run inside finetune
+
+With pretrained weights the backbone is frozen during the test (only the head trains, as in
+the first epoch of --strategy gradual); from scratch the whole network trains. The suggestion
+is fastai's "valley" rule; the plot also marks it.
+""")
+def lr_find(
+    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class, or train/ + val/ split folders."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="torchvision ResNet depth [default: 18]."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture by name (overrides --depth)."),
+    shortcut: Optional[str] = typer.Option(None, "--shortcut", help="CIFAR-style nets only: A, B or C."),
+    weights: str = typer.Option("imagenet", "--weights", help="imagenet, none, or PATH, as for finetune."),
+    strategy: str = typer.Option("auto", "--strategy", help="As for finetune: head/gradual test the head with the backbone frozen; full tests everything."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per step (use finetune's)."),
+    img_size: int = typer.Option(224, "--img-size", help="Square input size in pixels."),
+    weight_decay: float = typer.Option(0.05, "--weight-decay"),
+    label_smoothing: float = typer.Option(0.1, "--label-smoothing"),
+    augment: str = typer.Option("light", "--augment", help="none | light | strong (use finetune's)."),
+    start_lr: float = typer.Option(1e-7, "--start-lr", help="First learning rate of the sweep."),
+    end_lr: float = typer.Option(10.0, "--end-lr", help="Last learning rate (the sweep stops early when the loss blows up)."),
+    steps: int = typer.Option(100, "--steps", help="Steps of the sweep (batches; the data repeats if it is smaller)."),
+    val_split: float = typer.Option(0.2, "--val-split", help="As for finetune: the test uses the training part only."),
+    seed: int = typer.Option(0, "--seed"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decode workers [default: depends on the machine]."),
+    device: str = typer.Option("auto", "--device"),
+    precision: str = typer.Option("auto", "--precision"),
+    output: Path = typer.Option(Path("lr_find.png"), "--output", "-o", help="Where to save the loss-vs-LR plot."),
+    fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="table (the suggested LR alone) or json."),
+) -> None:
+    """Learning-rate range test: train briefly with a rising LR, print the suggested rate, save the curve."""
+    from rescli import models
+    from rescli.lr_find import find_lr
+    from rescli.train import TrainSettings
+
+    settings = TrainSettings(
+        data_dir=str(data_dir), arch=models.arch_name(depth=depth, arch=arch),
+        arch_kwargs={"shortcut": shortcut.upper()} if shortcut else {}, weights=weights, strategy=strategy,
+        batch_size=batch_size, img_size=img_size, weight_decay=weight_decay, label_smoothing=label_smoothing,
+        augment=augment, val_split=val_split, seed=seed, workers=workers, device=device, precision=precision,
+    )
+    result = find_lr(settings, output=output, start_lr=start_lr, end_lr=end_lr, num_steps=steps)
+    if fmt == TableOrJson.json:
+        _print_json(result.as_dict())
+        return
+    console.out.print(f"{result.suggestion:.3g}", markup=False, highlight=False)
+    console.info(
+        f"suggested lr {result.suggestion:.3g} (valley); min/10 {result.minimum_lr:.3g}; steepest {result.steepest_lr:.3g}; "
+        f"{len(result.lrs)} steps; plot: {result.extra.get('plot')}  ·  next: rescli finetune {data_dir} --lr {result.suggestion:.3g}"
+    )
 
 
 # --- dataset ---------------------------------------------------------------------------------------------
@@ -402,7 +483,8 @@ def _write_batches(batches, fmt: "PredictFormat", fields: list[str], *, classes:
     out = sys.stdout
     failed = done = 0
     show = progress and console.err.is_terminal
-    started = last_shown = time.monotonic()
+    started = time.monotonic()
+    last_shown = started - 1.0  # show the first batch at once
     writer = None
     table = _StreamTable(fields, classes, top_k) if fmt == PredictFormat.table else None
     if fmt in (PredictFormat.csv, PredictFormat.tsv):
@@ -498,18 +580,88 @@ class _StreamTable:
         return "  ".join(parts).rstrip() + "\n"
 
 
+# --- degradation (plain vs residual networks) ---------------------------------------------------------------
+
+@app.command(epilog="""
+Examples:
+
+    rescli degradation ./images --depths 20,56                 # plain-20/56 vs ResNet-20/56, 12 epochs
+    rescli degradation ./images --depths 20,32,44,56 --epochs 30 --output runs/deg
+    rescli degradation ./images --depths 20,56 --shortcut B --img-size 16
+    rescli degradation ./images --format json | jq '.models[] | {name, final_train_error}'
+    OMP_NUM_THREADS=1 rescli degradation ./images              # on a busy machine (see --threads)
+
+Writes OUTPUT/degradation.json, OUTPUT/degradation.png and a run folder per model
+(OUTPUT/plain20/best.pt, ...). Training error is measured in eval mode on the whole
+training split after each epoch, like validation error. Details: docs/degradation.md.
+""")
+def degradation(
+    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class (small images: digits, CIFAR-like)."),
+    depths: str = typer.Option("20,56", "--depths", help="Comma-separated 6n+2 depths; each gets a plain and a residual net."),
+    epochs: int = typer.Option(12, "--epochs", help="Epochs per model (one recipe for all)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per step."),
+    img_size: int = typer.Option(32, "--img-size", help="Square input size in pixels (the paper: 32)."),
+    shortcut: str = typer.Option("A", "--shortcut", help="Residual nets' shortcut: A (identity+zero-pad, no parameters), B (projection when shape changes), C (projection everywhere)."),
+    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (AdamW, warmup + cosine)."),
+    weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay."),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="Label smoothing [default: none, the paper's plain cross-entropy]."),
+    augment: str = typer.Option("none", "--augment", help="none | light | strong [default: none, so training error is error on a fixed training set]."),
+    val_split: float = typer.Option(0.2, "--val-split", help="Fraction held out for validation when DATA_DIR has no val/ folder."),
+    seed: int = typer.Option(0, "--seed", help="One seed for the split, data order and initialisation of every model."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decode workers [default: depends on the machine]."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for PyTorch [default: PyTorch's]; 1 is much faster when other jobs share the cores."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder [default: a new runs/runN]."),
+    fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="Results on stdout as tables or JSON (the content of degradation.json)."),
+) -> None:
+    """Train plain and residual nets at each depth with one recipe: training/validation error per epoch, gradient norms at init, a figure."""
+    from rescli.degradation import STAGES, run_degradation
+
+    result = run_degradation(
+        data_dir=data_dir, depths=depths, output=output, epochs=epochs, batch_size=batch_size, img_size=img_size,
+        shortcut=shortcut, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment,
+        val_split=val_split, seed=seed, workers=workers, device=device, precision=precision, threads=threads,
+    )
+    if fmt == TableOrJson.json:
+        _print_json(result)
+        return
+    from rich.table import Table
+
+    errors = Table(title=f"final error after {epochs} epoch(s), %")
+    for col in ("model", "params", "train error", "val error", "best val error"):
+        errors.add_column(col, justify="left" if col == "model" else "right")
+    for m in result["models"]:
+        errors.add_row(m["name"], f"{m['params']:,}", f"{100 * m['final_train_error']:.2f}",
+                       f"{100 * m['final_val_error']:.2f}", f"{100 * m['best_val_error']:.2f}")
+    console.out.print(errors)
+    grads = Table(title="gradient L2 norm per stage at initialisation (one batch)")
+    grads.add_column("model")
+    for stage in STAGES:
+        grads.add_column(stage, justify="right")
+    for m in result["models"]:
+        grads.add_row(m["name"], *(f"{m['grad_norms'][s]:.3g}" for s in STAGES))
+    console.out.print(grads)
+    console.info(f"wrote {result['run_dir']}/degradation.json, {result['figure']} and one run folder per model")
+
+
 # --- export, info --------------------------------------------------------------------------------------------
 
 @app.command(epilog="""
 Examples:
 
     rescli export runs/run1/best.pt --format torchscript --output model.ts
-    rescli export runs/run1/best.pt --format onnx --output model.onnx --check-images ./images/val
-    rescli predict photo.jpg --model model.onnx
+    rescli export runs/run1 --format onnx --output model.onnx --check-images ./images/val
+    rescli predict photo.jpg --model model.onnx      # works like the checkpoint
+    rescli info model.onnx                           # what the file holds
+
+The file carries class names, image size, mean/std and temperature (TorchScript extra file
+or ONNX metadata_props "rescli.json"); the ONNX batch axis is dynamic. Both load without
+rescli: torch.jit.load, or onnxruntime (see examples/predict_onnx.py).
 """)
 def export(
-    model: Path = typer.Argument(..., help="A rescli checkpoint."),
-    fmt: ExportFormat = typer.Option(ExportFormat.torchscript, "--format", "-f"),
+    model: Path = typer.Argument(..., help="A rescli checkpoint, or a run folder (its best.pt)."),
+    fmt: ExportFormat = typer.Option(ExportFormat.torchscript, "--format", "-f", help="torchscript (.ts) or onnx (.onnx; needs pip install 'rescli[onnx]')."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file [default: MODEL with .ts/.onnx]."),
     check_images: Optional[List[str]] = typer.Option(None, "--check-images", help="Images or folders for the parity check [default: the training folder, if present]."),
     out_fmt: TableOrJson = typer.Option(TableOrJson.table, "--print", help="Result as table or json."),
@@ -520,24 +672,27 @@ def export(
     result = export_model(model=model, fmt=fmt.value, output=output, check_images=check_images)
     if out_fmt == TableOrJson.json:
         _print_json(result)
-        return
-    console.out.print(f"wrote {result['output']}", markup=False)
-    for key in ("max_abs_diff_random", "max_abs_diff_real"):
-        if key in result:
-            console.out.print(f"{key}: {result[key]:.3g}", markup=False)
+    else:
+        console.out.print(f"wrote {result['output']} ({result['format']}, {result['classes']} classes, {result['img_size']} px)", markup=False)
+        for key, what in (("max_abs_diff_random", "random images"), ("max_abs_diff_real", f"{result.get('real_images')} real images")):
+            if key in result:
+                console.out.print(f"max |logit difference| vs PyTorch, {what}: {result[key]:.3g}", markup=False)
     if "parity" in result:
         console.warn(result["parity"])
+    elif "max_abs_diff_real" not in result:
+        console.warn("parity checked on random images only: the training folder is gone; pass --check-images FOLDER to check real ones")
 
 
 @app.command(epilog="""
 Examples:
 
     rescli info runs/run1/best.pt
+    rescli info runs/run1                # a run folder: its best.pt
     rescli info model.onnx --format json | jq .classes
 """)
 def info(
-    model: Path = typer.Argument(..., help="Checkpoint (.pt) or export (.ts, .onnx)."),
-    fmt: TableOrJson = typer.Option(TableOrJson.table, "--format"),
+    model: Path = typer.Argument(..., help="Checkpoint (.pt), run folder, or export (.ts, .onnx)."),
+    fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="table for people, json for programs."),
 ) -> None:
     """Show what a checkpoint or export holds: architecture, classes, image size, metrics, versions."""
     from rescli.info import describe_model
@@ -548,12 +703,16 @@ def info(
         return
     from rich.table import Table
 
-    table = Table(show_header=False, title=str(model))
+    table = Table(show_header=False)
     for key, value in desc.items():
+        if value is None or value == {}:
+            continue
         if isinstance(value, dict):
             value = ", ".join(f"{k}={_short(v)}" for k, v in value.items())
         elif isinstance(value, list):
             value = ", ".join(map(str, value))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value:,}"
         table.add_row(key, str(value))
     console.out.print(table)
 

@@ -36,15 +36,20 @@ class ClassFolderScan:
     """What one directory of class folders holds."""
 
     root: Path
-    files: dict[str, list[Path]]  # class name -> image files (content-sniffed), sorted
-    ignored: list[Path] = field(default_factory=list)  # non-images that are not well-known clutter
+    files: dict[str, list[Path]]  # class name -> image files (by content or extension, not yet decoded), sorted
+    ignored: list[Path] = field(default_factory=list)  # non-images, hidden things, loose files (never clutter)
     empty: list[str] = field(default_factory=list)  # sub-folders without a single image
 
 
 def _walk_files(folder: Path, ignored: list[Path]) -> Iterable[Path]:
     """Files under ``folder``, sorted, following links once. Clutter is skipped silently; hidden things go to ``ignored``."""
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+
+    def unreadable(exc: OSError) -> None:  # a folder we may not list would otherwise vanish without a word
+        if exc.filename:
+            ignored.append(Path(exc.filename))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symlink loop, or two links to one folder: read it once
             dirnames[:] = []
@@ -223,6 +228,8 @@ def scan_dataset(
 
 def _why_ignored(path: Path, class_roots: set[Path]) -> str:
     """Why ``path`` (from a scan's ignored list) is not used, in a few words for skipped.txt and `rescli dataset`."""
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        return "cannot read folder"
     if is_hidden(path.name):
         return "hidden folder" if path.is_dir() else "hidden file"
     if path.parent in class_roots:
@@ -447,6 +454,11 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     torch.manual_seed(seed)
+    # Ctrl-C reaches the whole process group; the main process decides what to do (finetune finishes its
+    # step and saves), so a worker must not die of it mid-epoch and take the next batches with it.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def to_model_input(

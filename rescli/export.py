@@ -103,7 +103,8 @@ def export_model(
     else:
         onnx = _require_onnx()
         buf = io.BytesIO()
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter: no onnxscript needed
             torch.onnx.export(
                 net, (example,), buf, input_names=["input"], output_names=["logits"],
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,

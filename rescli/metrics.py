@@ -35,8 +35,10 @@ def classification_metrics(
         out["confusion_matrix"] = skm.confusion_matrix(y_true, y_pred, labels=ids).tolist()
         if probs is not None and len(labels) > 1:
             probs = np.asarray(probs, dtype=np.float64)
+            # With two classes sklearn wants the positive class's score only (a 2-D array raises ValueError).
+            scores = probs[:, 1] if len(ids) == 2 else probs
             out["top_k_accuracy"] = {
-                str(k): float(skm.top_k_accuracy_score(y_true, probs, k=k, labels=ids))
+                str(k): float(skm.top_k_accuracy_score(y_true, scores, k=k, labels=ids))
                 for k in (1, 3, 5)
                 if k < len(labels) or k == 1
             }

@@ -58,6 +58,8 @@ def _cifar_spec(name: str) -> ArchSpec | None:
     from rescli.cifar import cifar_resnet
 
     depth, residual = int(m.group(2)), m.group(1) == "resnet"
+    if depth < 8 or (depth - 2) % 6:
+        raise UsageError(f"unknown architecture {name!r}: CIFAR-style {m.group(1)}N nets have N = 6n+2 layers (20, 32, 44, 56, 110, ...)")
     return ArchSpec(
         name=name,
         build=lambda num_classes, **kw: cifar_resnet(depth, num_classes, residual=residual, **kw),
@@ -83,8 +85,27 @@ def arch_name(*, depth: int | None = None, arch: str | None = None) -> str:
     return f"resnet{depth}"
 
 
+def check_arch_kwargs(arch: str, arch_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate (and normalise) options such as ``shortcut`` before any work: a UsageError, not a TypeError later."""
+    kw = dict(arch_kwargs or {})
+    spec = arch_spec(arch)
+    if spec.family != "cifar":
+        if kw:
+            raise UsageError(f"--shortcut (or {', '.join(kw)}): only for CIFAR-style nets (resnet20/32/44/56/110, plain20...); {arch} takes none")
+        return kw
+    unknown = sorted(set(kw) - {"shortcut"})
+    if unknown:
+        raise UsageError(f"{arch}: unknown option(s) {', '.join(unknown)}; CIFAR-style nets take only shortcut")
+    if "shortcut" in kw:
+        sc = str(kw["shortcut"]).upper()
+        if sc not in ("A", "B", "C"):
+            raise UsageError(f"--shortcut {kw['shortcut']!r}: expected A (identity + zero-pad), B (projection when the shape changes) or C (projection everywhere)")
+        kw["shortcut"] = sc
+    return kw
+
+
 def create_model(arch: str, num_classes: int, arch_kwargs: dict[str, Any] | None = None) -> nn.Module:
-    return arch_spec(arch).build(num_classes=num_classes, **(arch_kwargs or {}))
+    return arch_spec(arch).build(num_classes=num_classes, **check_arch_kwargs(arch, arch_kwargs))
 
 
 def head_prefix() -> str:
@@ -201,10 +222,41 @@ def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], *, source: 
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
             if items:
-                shown = ", ".join(items[:6]) + (f", … (+{len(items) - 6})" if len(items) > 6 else "")
-                parts.append(f"{label} {len(items)}: {shown}")
-        raise RescliError(f"weights from {source} do not fit this model: " + "; ".join(parts))
+                parts.append(f"{label} {len(items)}: {_summarise_keys(items)}")
+        guess = guess_arch(state)
+        hint = f" The file looks like a {guess}: pass --arch {guess}." if guess else ""
+        raise RescliError(f"weights from {source} do not fit this model: " + "; ".join(parts) + "." + hint)
     model.load_state_dict(incoming, strict=False)
+
+
+def _summarise_keys(items: list[str], limit: int = 6) -> str:
+    """Name at most ``limit`` entries; many keys of one block (layer3.4.conv1.weight, ...) become 'layer3.4.*'."""
+    if len(items) <= limit:
+        return ", ".join(items)
+    blocks: list[str] = []
+    for item in items:
+        key = item.split(" ", 1)[0]
+        parts = key.split(".")
+        block = ".".join(parts[:2]) + ".*" if len(parts) > 2 else key
+        if block not in blocks:
+            blocks.append(block)
+    shown = blocks[:limit]
+    return ", ".join(shown) + (f", … (+{len(blocks) - limit} more)" if len(blocks) > limit else "")
+
+
+def guess_arch(state: dict[str, torch.Tensor]) -> str | None:
+    """The torchvision/CIFAR architecture whose backbone has exactly these keys and shapes, if one does."""
+    incoming = {k: tuple(v.shape) for k, v in backbone_state(state).items()}
+    names = list(ARCHS) + [f"resnet{d}" for d in CIFAR_DEPTHS] + [f"plain{d}" for d in CIFAR_DEPTHS]
+    for name in names:
+        try:
+            with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+                candidate = create_model(name, 2)
+        except Exception:
+            continue
+        if {k: tuple(v.shape) for k, v in backbone_state(candidate.state_dict()).items()} == incoming:
+            return name
+    return None
 
 
 # --- building from a checkpoint, freezing, parameter groups -----------------------------------

@@ -17,9 +17,9 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -69,6 +69,15 @@ class TrainSettings:
     device: str = "auto"
     precision: str = "auto"
     strict: bool = False
+    mixup: float = 0.0  # Beta(alpha, alpha) mixing of image pairs; 0 = off
+    cutmix: float = 0.0  # alpha of CutMix boxes; 0 = off (both on: one or the other per batch)
+    cache_features: bool = True  # head strategy without augmentation: train the head on cached backbone features
+
+
+def settings_from_dict(d: dict[str, Any]) -> TrainSettings:
+    """Settings stored in a checkpoint -> TrainSettings; keys added for information (or by newer versions) are ignored."""
+    known = {f.name for f in fields(TrainSettings)}
+    return TrainSettings(**{k: v for k, v in d.items() if k in known})
 
 
 # --- run folders -----------------------------------------------------------------------------------
@@ -139,6 +148,10 @@ class StopFlag:
 
     def __bool__(self) -> bool:
         return self.signal_name is not None
+
+    def check(self) -> bool:
+        """Asked once after every optimiser step: stop here?"""
+        return bool(self)
 
 
 # --- schedule ------------------------------------------------------------------------------------------
@@ -237,6 +250,121 @@ def _epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def validate_settings(settings: TrainSettings) -> None:
+    """Usage errors (exit 2) for values no run can use; checked before any data is read."""
+    if isinstance(settings.lr, str):
+        if settings.lr.strip().lower() != "auto":
+            try:
+                settings.lr = float(settings.lr)
+            except ValueError:
+                raise UsageError(f"--lr {settings.lr!r}: expected a number such as 2e-3, or auto") from None
+        else:
+            settings.lr = "auto"
+    if settings.lr != "auto" and not (math.isfinite(settings.lr) and settings.lr > 0):
+        raise UsageError(f"--lr {settings.lr}: must be a positive number (or auto)")
+    for name in ("mixup", "cutmix"):
+        value = getattr(settings, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{name} {value}: expected an alpha >= 0 (0 = off; 0.2-1.0 are usual)")
+    if settings.weight_decay < 0 or not 0 <= settings.label_smoothing < 1:
+        raise UsageError("--weight-decay must be >= 0 and --label-smoothing in [0, 1)")
+    if not 0 <= settings.warmup_fraction < 1 or not 0 < settings.backbone_lr_ratio <= 1:
+        raise UsageError("warmup_fraction must be in [0, 1) and backbone_lr_ratio in (0, 1]")
+    if settings.patience is not None and settings.patience < 1:
+        raise UsageError("--patience must be at least 1")
+
+
+# --- mixup / cutmix ---------------------------------------------------------------------------------------
+
+def mix_batch(
+    x: torch.Tensor, y: torch.Tensor, *, mixup: float, cutmix: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Mixup or CutMix a batch: returns (images, labels_a, labels_b, lam); loss = lam*L(a) + (1-lam)*L(b).
+
+    With both alphas > 0, each batch uses one of the two (even odds), as timm does. ``rng`` is seeded per
+    (seed, epoch, step), so a resumed run mixes exactly the same pairs.
+    """
+    if (mixup <= 0 and cutmix <= 0) or len(y) < 2:
+        return x, y, y, 1.0
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(len(y))).to(y.device)
+    if use_cutmix:
+        h, w = x.shape[-2:]
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y1, y2 = max(cy - ch // 2, 0), min(cy + ch - ch // 2, h)
+        x1, x2 = max(cx - cw // 2, 0), min(cx + cw - cw // 2, w)
+        x = x.clone()
+        x[:, :, y1:y2, x1:x2] = x[perm][:, :, y1:y2, x1:x2]
+        lam = 1.0 - (y2 - y1) * (x2 - x1) / float(h * w)  # the area actually pasted
+    else:
+        x = x * lam + x[perm] * (1.0 - lam)
+    return x, y, y[perm], lam
+
+
+def _mix_rng(seed: int, epoch: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, step, 0x6D6978])
+
+
+# --- cached backbone features (head strategy without augmentation) ---------------------------------------
+
+@dataclass
+class FeatureSet:
+    """Backbone outputs (the head's inputs) for a list of samples, computed once."""
+
+    features: torch.Tensor  # float32 [N, D] on the training device
+    labels: torch.Tensor  # int64 [N]
+    indices: list[int]  # positions in the dataset (images that failed to load are absent)
+    failures: list[tuple[int, str]]
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, loader, *, runtime: Runtime, mean, std) -> FeatureSet:
+    """One pass of the backbone (the model with its head swapped for Identity) over ``loader``."""
+    head = model.fc
+    model.fc = nn.Identity()
+    was_training = model.training
+    model.eval()
+    feats, labels, indices, failures = [], [], [], []
+    try:
+        for batch in loader:
+            failures += batch.failures
+            if batch.labels.numel() == 0:
+                continue
+            x = data.to_model_input(batch.images, device=runtime.device, mean=mean, std=std, channels_last=runtime.channels_last)
+            with runtime.autocast():
+                f = model(x)
+            feats.append(torch.flatten(f, 1).float())
+            labels.append(batch.labels.to(runtime.device))
+            indices += batch.indices.tolist()
+    finally:
+        model.fc = head
+        model.train(was_training)
+    if not feats:
+        raise RescliError("no image could be read to compute backbone features")
+    return FeatureSet(torch.cat(feats), torch.cat(labels), indices, failures)
+
+
+def _eval_features(head: nn.Module, fs: FeatureSet, samples, *, runtime: Runtime) -> EvalResult:
+    with torch.inference_mode(), runtime.autocast():
+        logits = head(fs.features).float()
+    logits = logits.cpu()
+    labels = fs.labels.cpu()
+    pred = logits.argmax(1)
+    return EvalResult(
+        loss=float(nn.functional.cross_entropy(logits, labels)),
+        accuracy=float((pred == labels).float().mean()),
+        y_true=labels.numpy(),
+        y_pred=pred.numpy(),
+        logits=logits.numpy(),
+        paths=[samples[i][0] for i in fs.indices],
+        failures=[(samples[i][0], msg) for i, msg in fs.failures],
+    )
+
+
 def finetune(
     *,
     settings: TrainSettings | None = None,
@@ -244,13 +372,19 @@ def finetune(
     resume: str | os.PathLike | None = None,
     epochs: int | None = None,
     show_progress: bool = True,
+    on_epoch_end: Callable[..., dict[str, Any] | None] | None = None,
     _stop: StopFlag | None = None,
 ) -> dict[str, Any]:
-    """Train and return a summary dict (run_dir, best epoch, metrics). Raises RescliError on failure."""
+    """Train and return a summary dict (run_dir, best epoch, metrics). Raises RescliError on failure.
+
+    on_epoch_end(epoch=, model=, logits_fn=), if given, runs after each epoch's validation with the model
+    in eval mode; the dict it returns is merged into that epoch's history row (returned; history.csv keeps
+    its fixed columns). rescli degradation uses it to measure training-set error.
+    """
     state: dict[str, Any] | None = None
     if resume is not None:
         run_dir, state = _load_resume(resume)
-        settings = TrainSettings(**state["settings"])
+        settings = settings_from_dict(state["settings"])
         if epochs is not None:
             settings.epochs = epochs
     else:
@@ -264,6 +398,7 @@ def finetune(
         raise UsageError("--batch-size must be at least 1")
     if settings.img_size < 8:
         raise UsageError("--img-size must be at least 8")
+    validate_settings(settings)
     _seed_everything(settings.seed)
 
     # Data: scan and check every image once (cached), split, report what was left out.
@@ -303,7 +438,45 @@ def finetune(
         draft_size=data.draft_size_for(settings.img_size, train=False),
     )
     val_loader = data.make_loader(val_ds, batch_size=settings.batch_size * 2, shuffle=False, workers=workers, pin_memory=pin)
-    steps_per_epoch = max(1, math.ceil(len(train_ds) / settings.batch_size))
+
+    lr_find_info: dict[str, Any] | None = None
+    if settings.lr == "auto":  # LR range test on this model and data first (never on resume: last.pt holds a number)
+        from rescli.lr_find import range_test
+
+        console.info("--lr auto: running the learning-rate range test first")
+        found = range_test(
+            model, train_ds, runtime=runtime, mean=mean, std=std, frozen_backbone=strategy in ("head", "gradual") and frozen_epochs > 0,
+            batch_size=settings.batch_size, weight_decay=settings.weight_decay, label_smoothing=settings.label_smoothing,
+            workers=workers, seed=settings.seed, show_progress=show_progress,
+        )
+        found.plot(run_dir / "lr_find.png")
+        settings.lr = found.suggestion
+        lr_find_info = {"suggested_lr": found.suggestion, "plot": str(run_dir / "lr_find.png"), "steps": len(found.lrs)}
+        console.info(f"--lr auto: using lr {found.suggestion:.3g} (curve in {run_dir / 'lr_find.png'})")
+        _seed_everything(settings.seed)
+
+    # Head only, no augmentation: the backbone's output for an image never changes, so compute it once and
+    # train the head on the cached features (each epoch is then one small matrix multiply per batch).
+    use_cache = (
+        settings.cache_features and strategy == "head" and settings.augment == "none"
+        and settings.mixup <= 0 and settings.cutmix <= 0
+    )
+    train_feats = val_feats = None
+    cache_seconds = 0.0
+    if use_cache:
+        t_cache = time.perf_counter()
+        console.info(f"head only, no augmentation: caching backbone features ({len(train_ds)} train + {len(val_ds)} val images, one pass)")
+        train_feats = extract_features(
+            model, data.make_loader(train_ds, batch_size=settings.batch_size * 2, shuffle=False, workers=workers, pin_memory=pin),
+            runtime=runtime, mean=mean, std=std,
+        )
+        val_feats = extract_features(model, val_loader, runtime=runtime, mean=mean, std=std)
+        cache_seconds = time.perf_counter() - t_cache
+        for _, msg in train_feats.failures + val_feats.failures:
+            console.warn(f"skipped: {msg}")
+        console.info(f"features cached in {cache_seconds:.1f}s")
+    n_train = len(train_feats.indices) if use_cache else len(train_ds)
+    steps_per_epoch = max(1, math.ceil(n_train / settings.batch_size))
     plan = Plan(strategy, frozen_epochs, settings.epochs, steps_per_epoch, settings.warmup_fraction)
 
     ratio = settings.backbone_lr_ratio if strategy == "gradual" else 1.0
@@ -368,10 +541,17 @@ def finetune(
         "counts": {s: index.counts(s) for s in index.splits},
         "versions": make_checkpoint(model_state={}, **base)["versions"],
     }
+    if lr_find_info is not None:
+        run_info["lr_find"] = lr_find_info
+    if use_cache:
+        run_info["feature_cache"] = {"seconds": round(cache_seconds, 3), "train": n_train, "val": len(val_feats.indices)}
     atomic_write_json(run_dir / "run.json", run_info)
+
+    partial = [0.0, 0, 0]  # loss sum, images, correct so far in the current epoch (saved on interrupt)
 
     def training_state(epoch_done: int, step_in_epoch: int) -> dict[str, Any]:
         return dict(
+            epoch_partial=list(partial) if step_in_epoch else [0.0, 0, 0],
             optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict() if scaler.is_enabled() else {},
@@ -409,56 +589,83 @@ def finetune(
             model.train()
             if frozen:
                 models.freeze_batchnorm_stats(model)
-            order = _epoch_order(len(train_ds), seed=settings.seed, epoch=epoch)
+            order = _epoch_order(n_train, seed=settings.seed, epoch=epoch)
             skip = start_step if epoch == start_epoch else 0
-            loader = data.make_loader(
-                train_ds, batch_size=settings.batch_size, shuffle=False, workers=workers, pin_memory=pin,
-                sampler=order[skip * settings.batch_size:], seed=settings.seed + epoch,
-            )
-            loss_sum, seen, correct, step = 0.0, 0, 0, skip
+            if skip and state is not None and state.get("epoch_partial"):
+                partial[:] = [float(state["epoch_partial"][0]), int(state["epoch_partial"][1]), int(state["epoch_partial"][2])]
+            else:
+                partial[:] = [0.0, 0, 0]
+            trainable = [p for p in model.parameters() if p.requires_grad]
+
+            def train_step(inputs: torch.Tensor, y: torch.Tensor, forward, step: int) -> None:
+                """One optimiser step on a batch; ``forward`` maps inputs to logits (the whole net, or the head)."""
+                inputs, y_a, y_b, lam = mix_batch(
+                    inputs, y, mixup=settings.mixup, cutmix=settings.cutmix, rng=_mix_rng(settings.seed, epoch, step)
+                ) if not use_cache else (inputs, y, y, 1.0)
+                with runtime.autocast():
+                    logits = forward(inputs).float()
+                    loss = criterion(logits, y_a) if lam == 1.0 else lam * criterion(logits, y_a) + (1 - lam) * criterion(logits, y_b)
+                if not torch.isfinite(loss):
+                    kept = (
+                        f"best.pt (epoch {best_epoch + 1}, val accuracy {best_acc:.4f}) is kept in {run_dir}"
+                        if best_epoch >= 0 else f"no epoch finished, so there is no best.pt in {run_dir}"
+                    )
+                    raise RescliError(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; training stopped. {kept}. "
+                        f"Try a lower --lr (now {settings.lr:.3g}) or rescli lr-find"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if settings.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                pred = logits.detach().argmax(1)
+                partial[0] += loss.item() * len(y)
+                partial[2] += lam * int((pred == y_a).sum()) + (1 - lam) * int((pred == y_b).sum())
+                partial[1] += len(y)
+
+            step = skip
             with _progress(f"epoch {epoch + 1}/{settings.epochs}", steps_per_epoch - skip, enabled=show_progress) as advance:
-                for batch in loader:
-                    for i, msg in batch.failures:
-                        if msg not in warned:
-                            warned.add(msg)
-                            console.warn(f"skipped during training: {msg}")
-                    if batch.labels.numel() > 0:
-                        x = data.to_model_input(batch.images, device=runtime.device, mean=mean, std=std, channels_last=runtime.channels_last)
-                        y = batch.labels.to(runtime.device, non_blocking=True)
-                        with runtime.autocast():
-                            logits = model(x).float()
-                            loss = criterion(logits, y)
-                        if not torch.isfinite(loss):
-                            raise RescliError(
-                                f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}; training stopped. "
-                                f"best.pt (epoch {best_epoch + 1 if best_epoch >= 0 else '-'}) is kept in {run_dir}; try a lower --lr"
-                            )
-                        optimizer.zero_grad(set_to_none=True)
-                        scaler.scale(loss).backward()
-                        if settings.grad_clip > 0:
-                            scaler.unscale_(optimizer)
-                            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], settings.grad_clip)
-                        scaler.step(optimizer)
-                        scaler.update()
-                        loss_sum += loss.item() * len(y)
-                        correct += int((logits.detach().argmax(1) == y).sum())
-                        seen += len(y)
-                    scheduler.step()
-                    step += 1
-                    advance(loss_sum / max(1, seen))
-                    if stop:
-                        break
-            if stop:
-                save_last(epoch, step if step < steps_per_epoch else 0) if step < steps_per_epoch else None
-                if step >= steps_per_epoch:
-                    save_last(epoch + 1, 0)
+                if use_cache:
+                    while step < steps_per_epoch:
+                        idx = torch.tensor(order[step * settings.batch_size:(step + 1) * settings.batch_size], device=runtime.device)
+                        train_step(train_feats.features[idx], train_feats.labels[idx], model.fc, step)
+                        scheduler.step()
+                        step += 1
+                        advance(partial[0] / max(1, partial[1]))
+                        if stop.check():
+                            break
+                else:
+                    loader = data.make_loader(
+                        train_ds, batch_size=settings.batch_size, shuffle=False, workers=workers, pin_memory=pin,
+                        sampler=order[skip * settings.batch_size:], seed=settings.seed + epoch,
+                    )
+                    for batch in loader:
+                        for i, msg in batch.failures:
+                            if msg not in warned:
+                                warned.add(msg)
+                                console.warn(f"skipped during training: {msg}")
+                        if batch.labels.numel() > 0:
+                            x = data.to_model_input(batch.images, device=runtime.device, mean=mean, std=std, channels_last=runtime.channels_last)
+                            train_step(x, batch.labels.to(runtime.device, non_blocking=True), model, step)
+                        scheduler.step()
+                        step += 1
+                        advance(partial[0] / max(1, partial[1]))
+                        if stop.check():
+                            break
+                    del loader
+            loss_sum, seen, correct = partial
+            if stop and step < steps_per_epoch:  # mid-epoch: save where we are; the resumed run skips the batches done
+                save_last(epoch, step)
                 raise Interrupted(
-                    f"interrupted ({stop.signal_name}) in epoch {epoch + 1}; saved {run_dir / 'last.pt'}. "
+                    f"interrupted ({stop.signal_name}) in epoch {epoch + 1}, step {step}/{steps_per_epoch}; saved {run_dir / 'last.pt'}. "
                     f"Continue with: rescli finetune --resume {run_dir}"
                 )
 
             model.eval()
-            ev = run_eval(eval_logits, val_loader)
+            ev = _eval_features(model.fc, val_feats, val_samples, runtime=runtime) if use_cache else run_eval(eval_logits, val_loader)
             for _, msg in ev.failures:  # a validation file that vanished or broke since the scan: named once, run goes on
                 if msg not in warned:
                     warned.add(msg)
@@ -473,6 +680,8 @@ def finetune(
                 "lr": float(f"{max(g['lr'] for g in optimizer.param_groups):.3g}"),
                 "seconds": round(seconds, 2),
             }
+            if on_epoch_end is not None:
+                row.update(on_epoch_end(epoch=epoch + 1, model=model, logits_fn=eval_logits) or {})
             history.append(row)
             write_history(run_dir / "history.csv", history)
             improved = ev.accuracy > best_acc or (ev.accuracy == best_acc and ev.loss < best_loss)
@@ -487,6 +696,11 @@ def finetune(
             else:
                 bad_epochs += 1
             save_last(epoch + 1, 0, {"val_accuracy": ev.accuracy, "val_loss": ev.loss, "epoch": epoch + 1})
+            if stop:  # the signal came during the epoch's last step: the epoch is complete, evaluated and saved
+                raise Interrupted(
+                    f"interrupted ({stop.signal_name}) after epoch {epoch + 1}; saved {run_dir / 'last.pt'}. "
+                    f"Continue with: rescli finetune --resume {run_dir}"
+                )
             console.info(
                 f"epoch {epoch + 1}/{settings.epochs}  train loss {row['train_loss']:.4f}  val loss {ev.loss:.4f}  "
                 f"val acc {ev.accuracy:.4f}  {seconds:.1f}s" + ("  *" if improved else "")

@@ -230,3 +230,90 @@ def test_stage_of_covers_every_parameter():
 def test_stage_of_unknown(name):
     with pytest.raises(RescliError):
         stage_of(name)
+
+
+# --- end to end through the CLI: a CIFAR net works everywhere a torchvision ResNet does --------------------
+
+def test_cifar_net_finetune_evaluate_predict_export(cli, tmp_path):
+    """resnet20 with option B (so the checkpoint must remember arch_kwargs to rebuild the projections)."""
+    import json
+
+    from conftest import make_class_folder
+
+    from rescli.checkpoint import load_checkpoint
+
+    folder = make_class_folder(tmp_path / "data", per_class=6, size=8)
+    run = tmp_path / "run"
+    res = cli("finetune", folder, "--arch", "resnet20", "--shortcut", "b", "--weights", "none", "--img-size", "8",
+              "--epochs", "1", "--batch-size", "8", "--workers", "0", "--augment", "none", "--output", run, "--format", "json")
+    assert res.code == 0, res.err
+    ckpt = load_checkpoint(run / "best.pt")
+    assert ckpt["arch"] == "resnet20" and ckpt["arch_kwargs"] == {"shortcut": "B"} and ckpt["img_size"] == 8
+    assert "layer2.0.shortcut.0.weight" in ckpt["model"]  # the projection is there, and must be rebuilt
+
+    ev = cli("evaluate", run / "best.pt", folder, "--workers", "0", "--format", "json")
+    assert ev.code == 0, ev.err
+    assert json.loads(ev.out)["n"] == 18
+
+    image = next((folder / "green").iterdir())
+    pred = cli("predict", image, "--model", run / "best.pt", "--format", "jsonl", "--workers", "0")
+    assert pred.code == 0, pred.err
+    row = json.loads(pred.out.splitlines()[0])
+    assert row["label"] in ("red", "green", "blue")
+
+    formats = [("torchscript", "m.ts")]
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+
+        formats.append(("onnx", "m.onnx"))
+    except ImportError:
+        pass
+    for fmt, name in formats:
+        out = cli("export", run / "best.pt", "--format", fmt, "--output", tmp_path / name, "--print", "json")
+        assert out.code == 0, out.err
+        info = json.loads(out.out)
+        assert info["max_abs_diff_real"] < 1e-3  # checked against PyTorch on the training images
+        again = cli("predict", image, "--model", tmp_path / name, "--format", "jsonl", "--workers", "0")
+        assert again.code == 0, again.err
+        exported = json.loads(again.out.splitlines()[0])
+        assert exported["label"] == row["label"] and exported["score"] == pytest.approx(row["score"], abs=2e-2)
+
+
+@pytest.mark.parametrize("arch", ["plain20", "resnet20"])
+def test_cifar_net_with_imagenet_weights_is_a_clear_usage_error(cli, tmp_path, arch):
+    from conftest import make_class_folder
+
+    folder = make_class_folder(tmp_path / "data", per_class=2, size=8)
+    res = cli("finetune", folder, "--arch", arch, "--weights", "imagenet", "--img-size", "8", "--epochs", "1",
+              "--workers", "0", "--output", tmp_path / "run")
+    assert res.code == 2
+    assert f"no ImageNet weights for {arch}" in res.err and "--weights none" in res.err
+    assert res.out == "" and not list((tmp_path / "run").glob("*.pt"))
+
+
+def test_unknown_cifar_arch_and_bad_shortcut_are_usage_errors(cli, tmp_path):
+    from conftest import make_class_folder
+
+    folder = make_class_folder(tmp_path / "data", per_class=2, size=8)
+    for args, message in (
+        (("--arch", "plain21"), "6n+2"),
+        (("--arch", "resnet20", "--shortcut", "D"), "--shortcut 'D'"),
+        (("--arch", "resnet18", "--shortcut", "A"), "only for CIFAR-style nets"),  # torchvision's nets have no such option
+        (("--depth", "56"), "--depth 56"),  # --depth keeps meaning torchvision's resnetN; resnet56 needs --arch
+    ):
+        res = cli("finetune", folder, *args, "--weights", "none", "--img-size", "8", "--epochs", "1", "--workers", "0",
+                  "--output", tmp_path / "run")
+        assert res.code == 2, (args, res.err)
+        assert message in res.err and res.out == ""
+        assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_check_arch_kwargs_normalises():
+    from rescli.models import check_arch_kwargs, create_model
+
+    assert check_arch_kwargs("resnet56", {"shortcut": "b"}) == {"shortcut": "B"}
+    assert check_arch_kwargs("plain20", {}) == {} and check_arch_kwargs("resnext50_32x4d", None) == {}
+    with pytest.raises(RescliError, match="unknown option"):
+        check_arch_kwargs("resnet20", {"width": 2})
+    assert n_params(create_model("resnet20", 10, {"shortcut": "c"})) == EXACT_C[20]

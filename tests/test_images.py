@@ -102,6 +102,22 @@ def test_hidden():
     assert not images.is_hidden("cat.jpg") and not images.is_hidden("/home/.me/cat.jpg")
 
 
+def test_looks_like_image_by_content_or_extension(hostile, tmp_path):
+    root, expect = hostile
+    # Everything meant to be an image, decodable or not, is an image candidate (broken ones get reported, not ignored).
+    for rel in expect["broken"] + [r for rels in expect["good"].values() for r in rels]:
+        assert images.looks_like_image(root / rel), rel
+    for rel in expect["ignored"]:
+        assert not images.looks_like_image(root / rel), rel
+    Image.new("RGB", (4, 4)).save(tmp_path / "scan.dat", "PNG")
+    (tmp_path / "IMG_2.heic").write_bytes(b"")
+    (tmp_path / "noext").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
+    (tmp_path / "bmw.txt").write_bytes(b"BMW service history\n")
+    assert images.looks_like_image(tmp_path / "scan.dat") and images.looks_like_image(tmp_path / "noext")
+    assert images.looks_like_image(tmp_path / "IMG_2.heic") and images.looks_like_image(tmp_path / "missing.TIFF")
+    assert not images.looks_like_image(tmp_path / "bmw.txt") and not images.looks_like_image(tmp_path / "missing.txt")
+
+
 # --- modes -------------------------------------------------------------------------------------------------------
 
 

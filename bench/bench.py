@@ -1,0 +1,282 @@
+"""rescli speed benchmark: images/s and peak memory, with ratios against baselines from the same run.
+
+    python bench/bench.py                              # resnet18, 224 px, batch 16, on this machine's device
+    python bench/bench.py --depth 50 --images 256
+    python bench/bench.py --data ./images              # your own JPEG folder instead of generated photos
+
+Phases (each in its own child process, so peak memory is per phase):
+  model_train    model-only bound: train steps on in-memory tensors (rescli's precision + channels_last)
+  model_infer    model-only bound: forward passes on in-memory tensors
+  finetune       rescli finetune end to end from image files (decode, augment, train; 2nd epoch timed)
+  predict        rescli predict end to end from image files (decode + forward, streamed)
+  predict_x4     the same over 4x as many inputs: peak memory must not grow with the input count
+  baseline       a plain fp32 torchvision loop on the same files (ImageFolder, ToTensor, NCHW, fp32)
+  head_cached    --strategy head --augment none on cached backbone features vs the same run without the cache
+This is a script, not a test: it prints figures; nothing asserts a wall-clock time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def peak_mem(device) -> dict:
+    import torch
+
+    out = {"peak_rss_mib": round(peak_rss_mib(), 1)}
+    if device.type == "cuda":
+        out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_photos(folder: Path, n: int, *, classes: int = 4, size=(500, 375)) -> Path:
+    """JPEGs of ImageNet's typical size, with smooth structure so they compress like photos."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]].astype(np.float32)
+    for i in range(n):
+        cls = folder / f"class{i % classes}"
+        cls.mkdir(parents=True, exist_ok=True)
+        fx, fy, phase = rng.uniform(0.005, 0.05, 2).tolist() + [rng.uniform(0, 6.28)]
+        base = np.stack([np.sin(xx * fx + phase + c) * np.cos(yy * fy + c) for c in range(3)], -1)
+        img = ((base * 0.5 + 0.5) * 200 + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(cls / f"img{i:05d}.jpg", quality=90)
+    return folder
+
+
+# --- phases (run in a child process) ------------------------------------------------------------
+
+def phase_model(args, *, train: bool) -> dict:
+    import torch
+    from torch import nn
+
+    from rescli.models import create_model
+    from rescli.runtime import select_runtime
+
+    rt = select_runtime(device=args.device, precision=args.precision)
+    model = create_model(f"resnet{args.depth}", 1000).to(rt.device, memory_format=rt.memory_format)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=rt.device).contiguous(memory_format=rt.memory_format)
+    y = torch.randint(0, 1000, (args.batch,), device=rt.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        if train:
+            with rt.autocast():
+                loss = loss_fn(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        else:
+            with torch.inference_mode(), rt.autocast():
+                model(x)
+
+    model.train(train)
+    for _ in range(args.warmup):
+        step()
+    sync(rt.device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(rt.device)
+    dt = time.perf_counter() - t0
+    return {"images_per_s": args.batch * args.steps / dt, "runtime": rt.describe(), **peak_mem(rt.device)}
+
+
+def phase_finetune(args) -> dict:
+    from rescli.runtime import resolve_device
+    from rescli.train import TrainSettings, finetune
+
+    out = Path(tempfile.mkdtemp(prefix="rescli-bench-run-"))
+    settings = TrainSettings(
+        data_dir=args.data, arch=f"resnet{args.depth}", weights="none", strategy="full", epochs=2,
+        batch_size=args.batch, img_size=args.img_size, val_split=0.05, workers=args.workers,
+        device=args.device, precision=args.precision, augment="light",
+    )
+    result = finetune(settings=settings, output=out / "run", show_progress=False)
+    row = result["history"][-1]  # the 2nd epoch: workers and caches are warm
+    n_train = result["metrics"].get("n_train") or _count(out / "run")
+    seconds = float(row.get("train_seconds") or row["seconds"])
+    return {"images_per_s": n_train / seconds, "train_images": n_train, "epoch_seconds": seconds,
+            "timed": "train_seconds" if row.get("train_seconds") else "epoch seconds incl. 5% validation",
+            **peak_mem(resolve_device(args.device))}
+
+
+def _count(run: Path) -> int:
+    return int(json.loads((run / "run.json").read_text())["settings"]["train_images"])
+
+
+def phase_predict(args, *, repeat: int = 1) -> dict:
+    from rescli.predict import iter_input_paths, load_predictor, predict_stream
+    from rescli.runtime import resolve_device
+    from rescli.checkpoint import make_checkpoint, save_checkpoint
+    from rescli.models import create_model
+
+    ckpt_path = Path(tempfile.mkdtemp(prefix="rescli-bench-")) / "m.pt"
+    model = create_model(f"resnet{args.depth}", 4)
+    save_checkpoint(make_checkpoint(model_state=model.state_dict(), arch=f"resnet{args.depth}",
+                                    classes=[f"class{i}" for i in range(4)], img_size=args.img_size,
+                                    mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]), ckpt_path)
+    predictor = load_predictor(ckpt_path, device=args.device, precision=args.precision)
+    paths = list(iter_input_paths([args.data]))
+    # Warm-up batch (thread pool, allocator, oneDNN kernels) is not timed.
+    list(predict_stream(paths[: args.batch], predictor=predictor, batch_size=args.batch, workers=args.workers or 2))
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(repeat):
+        for row in predict_stream(paths, predictor=predictor, batch_size=args.batch, workers=args.workers or 2):
+            n += "label" in row
+    dt = time.perf_counter() - t0
+    return {"images_per_s": n / dt, "images": n, **peak_mem(resolve_device(args.device))}
+
+
+def phase_baseline(args) -> dict:
+    """What a user writes from the PyTorch tutorial: fp32, NCHW, ImageFolder + ToTensor + Normalize."""
+    import torch
+    from torch import nn
+    from torchvision import datasets, models, transforms as T
+
+    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    tf = T.Compose([T.RandomResizedCrop(args.img_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    ds = datasets.ImageFolder(args.data, tf)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=args.workers or 1,
+                                         drop_last=True, persistent_workers=True)
+    model = getattr(models, f"resnet{args.depth}")(num_classes=len(ds.classes)).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    timed_images, t0 = 0, None
+    for epoch in range(2):
+        for i, (x, y) in enumerate(loader):
+            x, y = x.to(device), y.to(device)
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if epoch == 1:
+                timed_images += len(y)
+        if epoch == 0:
+            sync(device)
+            t0 = time.perf_counter()
+    sync(device)
+    return {"images_per_s": timed_images / (time.perf_counter() - t0), **peak_mem(device)}
+
+
+def phase_head_cached(args) -> dict:
+    from rescli.train import TrainSettings, finetune
+
+    out = {}
+    for label, augment in (("cached", "none"), ("uncached", "light")):
+        run = Path(tempfile.mkdtemp(prefix="rescli-bench-head-")) / "run"
+        settings = TrainSettings(data_dir=args.data, arch=f"resnet{args.depth}", weights="none", strategy="head",
+                                 epochs=3, batch_size=args.batch, img_size=args.img_size, workers=args.workers,
+                                 device=args.device, precision=args.precision, augment=augment)
+        t0 = time.perf_counter()
+        result = finetune(settings=settings, output=run, show_progress=False)
+        out[f"{label}_total_s"] = time.perf_counter() - t0
+        out[f"{label}_epoch_s"] = [float(r["seconds"]) for r in result["history"]]
+    return out
+
+
+PHASES = {
+    "model_train": lambda a: phase_model(a, train=True),
+    "model_infer": lambda a: phase_model(a, train=False),
+    "finetune": phase_finetune,
+    "predict": phase_predict,
+    "predict_x4": lambda a: phase_predict(a, repeat=4),
+    "baseline": phase_baseline,
+    "head_cached": phase_head_cached,
+}
+
+
+def run_child(phase: str, argv: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--phase", phase, *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=18)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--images", type=int, default=192, help="generated photos (ignored with --data)")
+    p.add_argument("--data", default=None, help="a class-folder directory of images to use instead")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--phases", default=",".join(k for k in PHASES if k != "head_cached"))
+    p.add_argument("--phase", help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = p.parse_args()
+
+    if args.phase:  # child
+        print(json.dumps(PHASES[args.phase](args)))
+        return
+
+    if args.data is None:
+        args.data = str(make_photos(Path(tempfile.mkdtemp(prefix="rescli-bench-data-")), args.images))
+    argv = [a for a in sys.argv[1:] if not a.startswith("--phases")]
+    argv = [a for i, a in enumerate(argv) if not (i > 0 and argv[i - 1] == "--phases")]
+    if "--data" not in argv:
+        argv += ["--data", args.data]
+    results = {}
+    for phase in args.phases.split(","):
+        print(f"running {phase} …", file=sys.stderr, flush=True)
+        results[phase] = run_child(phase, argv)
+    ratios = {}
+
+    def ratio(name, a, b):
+        if "images_per_s" in results.get(a, {}) and "images_per_s" in results.get(b, {}):
+            ratios[name] = results[a]["images_per_s"] / results[b]["images_per_s"]
+
+    ratio("finetune / baseline (target >= 3.0)", "finetune", "baseline")
+    ratio("finetune / model_train (target >= 0.85)", "finetune", "model_train")
+    ratio("predict / model_infer (target >= 0.80)", "predict", "model_infer")
+    if "peak_rss_mib" in results.get("predict", {}) and "peak_rss_mib" in results.get("predict_x4", {}):
+        ratios["predict_x4 / predict peak RSS (flat = ~1.0)"] = results["predict_x4"]["peak_rss_mib"] / results["predict"]["peak_rss_mib"]
+    if args.json:
+        print(json.dumps({"config": vars(args), "results": results, "ratios": ratios}, indent=2))
+        return
+    print(f"rescli bench: resnet{args.depth}, {args.img_size} px, batch {args.batch}, data {args.data}")
+    print(f"{'phase':<12} {'images/s':>10} {'peak RSS MiB':>13} {'peak GPU MiB':>13}  notes")
+    for phase, r in results.items():
+        if "error" in r:
+            print(f"{phase:<12} {'error':>10}  {r['error']}")
+            continue
+        ips = f"{r['images_per_s']:.1f}" if "images_per_s" in r else "-"
+        notes = r.get("runtime", "") or r.get("timed", "")
+        if phase == "head_cached":
+            notes = f"cached epochs {r['cached_epoch_s']} s vs uncached {r['uncached_epoch_s']} s"
+        print(f"{phase:<12} {ips:>10} {r.get('peak_rss_mib', '-'):>13} {r.get('peak_gpu_mib', '-'):>13}  {notes}")
+    for name, value in ratios.items():
+        print(f"{name:<48} {value:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Label images with a rescli ONNX export, without rescli, PyTorch or torchvision.
+
+Needs only:  pip install onnxruntime numpy pillow
+
+    python predict_onnx.py model.onnx photo.jpg more_photos/ --top-k 3 > labels.jsonl
+
+Everything the model needs is read from the file itself: class names, input size,
+normalisation and temperature live in its metadata (key "rescli.json"). The preprocessing
+below is the one rescli uses, so the scores match `rescli predict --model model.onnx`.
+Prints one JSON object per image on stdout: {"path", "label", "score", "topk"}, or
+{"path", "error"} for a file that cannot be read (the exit status is then 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def load_model(path: str):
+    session = ort.InferenceSession(path, providers=ort.get_available_providers())
+    meta_json = session.get_modelmeta().custom_metadata_map.get("rescli.json")
+    if not meta_json:
+        sys.exit(f"{path}: no rescli metadata inside; export it with `rescli export CHECKPOINT --format onnx`")
+    return session, json.loads(meta_json)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Upright per EXIF; transparency composited on white; every mode as 8-bit RGB."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, (0, 0), rgba)
+        return out
+    if img.mode.startswith("I;16"):
+        img = img.point(lambda v: v / 257).convert("L")
+    return img.convert("RGB")
+
+
+def preprocess(path: str, size: int, mean, std) -> np.ndarray:
+    """Resize the shorter side to `size` (bilinear), center-crop size x size, scale to [0,1], normalise: CHW float32."""
+    with Image.open(path) as img:
+        if img.format == "JPEG":
+            img.draft("RGB", (size, size))  # decode at a reduced scale when the photo is much larger
+        img = to_rgb(img)
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.BILINEAR)
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    img = img.crop((left, top, left + size, top + size))
+    x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return (x - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
+
+
+def expand(inputs):
+    for item in inputs:
+        if os.path.isdir(item):
+            for dirpath, dirnames, filenames in os.walk(item):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."):
+                        yield os.path.join(dirpath, name)
+        else:
+            yield item
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a .onnx file written by `rescli export`")
+    parser.add_argument("images", nargs="+", help="image files or folders")
+    parser.add_argument("--top-k", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+
+    session, meta = load_model(args.model)
+    classes, size, temperature = meta["classes"], int(meta["img_size"]), float(meta.get("temperature", 1.0))
+    input_name = session.get_inputs()[0].name
+    k = max(1, min(args.top_k, len(classes)))
+    failed = 0
+
+    def run(batch):
+        logits = session.run(None, {input_name: np.stack([x for _, x in batch])})[0] / temperature
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        for (path, _), p in zip(batch, probs):
+            top = np.argsort(-p, kind="stable")[:k]
+            print(json.dumps({
+                "path": path, "label": classes[top[0]], "score": round(float(p[top[0]]), 6),
+                "topk": [{"label": classes[i], "score": round(float(p[i]), 6)} for i in top],
+            }))
+        sys.stdout.flush()
+
+    batch = []
+    for path in expand(args.images):
+        try:
+            batch.append((path, preprocess(path, size, meta["mean"], meta["std"])))
+        except Exception as exc:  # unreadable file: report it and go on
+            failed += 1
+            if batch:
+                run(batch)
+                batch = []
+            print(json.dumps({"path": path, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+            continue
+        if len(batch) == args.batch_size:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
