@@ -113,7 +113,7 @@ def finetune(
     lr: str = typer.Option("2e-3", "--lr", help="Peak learning rate of the head (AdamW, warmup + cosine), or auto: run the LR range test (rescli lr-find) first."),
     weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay (not applied to norms and biases)."),
     label_smoothing: float = typer.Option(0.1, "--label-smoothing", help="Label smoothing of the training loss."),
-    augment: str = typer.Option("light", "--augment", help="none | light (crops, flips) | strong (+ TrivialAugment)."),
+    augment: str = typer.Option("none", "--augment", help="none | light (crops, flips) | strong (+ TrivialAugment). Short runs learn faster without; use light/strong for long runs (20+ epochs) or when validation loss rises while training loss falls."),
     mixup: float = typer.Option(0.0, "--mixup", help="Mixup alpha (e.g. 0.2); 0 = off."),
     cutmix: float = typer.Option(0.0, "--cutmix", help="CutMix alpha (e.g. 1.0); 0 = off. With --mixup too, each batch uses one of them."),
     cache_features: bool = typer.Option(True, "--cache-features/--no-cache-features", help="--strategy head with --augment none: compute backbone features once and train the head on them."),
@@ -203,7 +203,7 @@ def lr_find(
     img_size: int = typer.Option(224, "--img-size", help="Square input size in pixels."),
     weight_decay: float = typer.Option(0.05, "--weight-decay"),
     label_smoothing: float = typer.Option(0.1, "--label-smoothing"),
-    augment: str = typer.Option("light", "--augment", help="none | light | strong (use finetune's)."),
+    augment: str = typer.Option("none", "--augment", help="none | light | strong (use finetune's)."),
     start_lr: float = typer.Option(1e-7, "--start-lr", help="First learning rate of the sweep."),
     end_lr: float = typer.Option(10.0, "--end-lr", help="Last learning rate (the sweep stops early when the loss blows up)."),
     steps: int = typer.Option(100, "--steps", help="Steps of the sweep (batches; the data repeats if it is smaller)."),
@@ -367,9 +367,9 @@ def _print_class_tables(m: dict[str, Any]) -> None:
 @app.command(epilog="""
 Examples:
 
-    rescli report runs/run1                       # writes runs/run1/report.html
-    rescli report runs/run1/eval-test             # the folder rescli evaluate wrote
-    rescli report runs/run1 --output run1.html    # somewhere else, e.g. to attach to a PR
+    rescli report runs/run1                     # writes runs/run1/report.html
+    rescli report runs/run1/eval-test           # a folder from evaluate
+    rescli report runs/run1 -o pr-1234.html     # to attach to a PR
 
 The file is self-contained (figures embedded, no scripts, no network): open it in any browser.
 finetune and evaluate already write one; run this again after editing or copying a run folder.
