@@ -21,7 +21,7 @@ from torch import nn
 
 from rescli import console, data, models
 from rescli.errors import RescliError, UsageError
-from rescli.runtime import Runtime, default_workers, select_runtime
+from rescli.runtime import Runtime, default_workers
 
 
 @dataclass
@@ -179,11 +179,11 @@ def range_test(
         raise RescliError(
             f"lr-find: the loss diverged after {len(lrs)} step(s), starting at lr {start_lr:g}; try a lower --start-lr"
         )
-    # The final points after the blow-up say nothing about good rates; keep the curve up to the divergence.
-    cut = len(smooth)
-    while diverged and cut > 5 and smooth[cut - 1] > 2 * min(smooth):
-        cut -= 1
-    suggestion, minimum, steepest = suggest(lrs[:cut], smooth[:cut])
+    # As fastai does: leave out the first tenth (the moving average is still settling) and the last
+    # points (the blow-up) when choosing, so neither can pull the suggestion around.
+    lo = len(smooth) // 10
+    hi = len(smooth) - 5 if len(smooth) - 5 - lo >= 5 else len(smooth)
+    suggestion, minimum, steepest = suggest(lrs[lo:hi], smooth[lo:hi])
     return LRFindResult(lrs, smooth, raw, suggestion, minimum, steepest, diverged)
 
 
@@ -198,7 +198,7 @@ def find_lr(
 ) -> LRFindResult:
     """``rescli lr-find``: build the model and data exactly as finetune would (same settings), run the test,
     save the plot. Returns the result; ``extra`` names the plot and what was trained."""
-    from rescli.train import _seed_everything, report_scan, resolve_strategy, validate_settings
+    from rescli.train import _seed_everything, report_scan, resolve_strategy, training_runtime, validate_settings
 
     validate_settings(settings)
     _seed_everything(settings.seed)
@@ -212,7 +212,7 @@ def find_lr(
     strategy, frozen_epochs = resolve_strategy(
         settings.strategy, pretrained=winfo.pretrained, epochs=settings.epochs, freeze_epochs=settings.freeze_epochs
     )
-    runtime = select_runtime(device=settings.device, precision=settings.precision)
+    runtime = training_runtime(settings)
     model.to(runtime.device, memory_format=runtime.memory_format)
     train_ds = data.ImageSamples(
         index.splits["train"],

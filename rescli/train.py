@@ -251,6 +251,22 @@ def _epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+SMALL_IMAGES_FP32 = 40  # below this size, fp32 NCHW trains faster than bf16 channels_last on CPU
+
+
+def training_runtime(settings: TrainSettings) -> Runtime:
+    """Device and precision for training. --precision auto on a CPU picks bf16 + channels_last (AMX), except
+    for small images: measured here (resnet18, batch 32, AMX CPU) fp32 NCHW takes 127 vs 162 ms a step at
+    32 px and loses from 48 px on (241 vs 222; 96 px: 650 vs 344), as the tiny convolutions cannot use AMX."""
+    runtime = select_runtime(device=settings.device, precision=settings.precision)
+    if (
+        runtime.device.type == "cpu" and (settings.precision or "auto").lower() == "auto" and runtime.precision == "bf16"
+        and settings.img_size < SMALL_IMAGES_FP32
+    ):
+        return Runtime(device=runtime.device, precision="fp32", channels_last=False)
+    return runtime
+
+
 def validate_settings(settings: TrainSettings) -> None:
     """Usage errors (exit 2) for values no run can use; checked before any data is read."""
     if isinstance(settings.lr, str):
@@ -423,7 +439,7 @@ def finetune(
     strategy, frozen_epochs = resolve_strategy(
         settings.strategy, pretrained=pretrained, epochs=settings.epochs, freeze_epochs=settings.freeze_epochs
     )
-    runtime = select_runtime(device=settings.device, precision=settings.precision)
+    runtime = training_runtime(settings)
     model.to(runtime.device, memory_format=runtime.memory_format)
 
     workers = default_workers() if settings.workers is None else settings.workers
@@ -595,7 +611,7 @@ def finetune(
             order = _epoch_order(n_train, seed=settings.seed, epoch=epoch)
             skip = start_step if epoch == start_epoch else 0
             if skip and state is not None and state.get("epoch_partial"):
-                partial[:] = [float(state["epoch_partial"][0]), int(state["epoch_partial"][1]), int(state["epoch_partial"][2])]
+                partial[:] = [float(state["epoch_partial"][0]), int(state["epoch_partial"][1]), float(state["epoch_partial"][2])]
             else:
                 partial[:] = [0.0, 0, 0]
             trainable = [p for p in model.parameters() if p.requires_grad]
@@ -667,6 +683,7 @@ def finetune(
                     f"Continue with: rescli finetune --resume {run_dir}"
                 )
 
+            train_seconds = time.perf_counter() - t0
             model.eval()
             ev = _eval_features(model.fc, val_feats, val_samples, runtime=runtime) if use_cache else run_eval(eval_logits, val_loader)
             for _, msg in ev.failures:  # a validation file that vanished or broke since the scan: named once, run goes on
@@ -682,6 +699,7 @@ def finetune(
                 "val_accuracy": round(ev.accuracy, 6),
                 "lr": float(f"{max(g['lr'] for g in optimizer.param_groups):.3g}"),
                 "seconds": round(seconds, 2),
+                "train_seconds": round(train_seconds, 3),  # the optimisation steps alone (not in history.csv)
             }
             if on_epoch_end is not None:
                 row.update(on_epoch_end(epoch=epoch + 1, model=model, logits_fn=eval_logits) or {})
