@@ -187,11 +187,11 @@ def phase_head_cached(args) -> dict:
     from rescli.train import TrainSettings, finetune
 
     out = {}
-    for label, augment in (("cached", "none"), ("uncached", "light")):
+    for label, cache in (("cached", True), ("uncached", False)):
         run = Path(tempfile.mkdtemp(prefix="rescli-bench-head-")) / "run"
         settings = TrainSettings(data_dir=args.data, arch=f"resnet{args.depth}", weights="none", strategy="head",
                                  epochs=3, batch_size=args.batch, img_size=args.img_size, workers=args.workers,
-                                 device=args.device, precision=args.precision, augment=augment)
+                                 device=args.device, precision=args.precision, augment="none", cache_features=cache)
         t0 = time.perf_counter()
         result = finetune(settings=settings, output=run, show_progress=False)
         out[f"{label}_total_s"] = time.perf_counter() - t0

@@ -77,6 +77,12 @@ def test_json_on_stdout_matches_file_and_has_every_model(deg_run):
         run = deg_run["out"] / m["arch"]
         assert (run / "best.pt").is_file() and (run / "last.pt").is_file() and (run / "history.csv").is_file()
         assert m["checkpoint"] == str(run / "last.pt")
+        assert m["runtime"] and m["runtime"] == json.loads((run / "run.json").read_text())["runtime"]
+    assert on_disk["recipe"]["runtime"] == on_disk["models"][0]["runtime"]
+    from rescli.runtime import select_runtime
+
+    # --precision auto means the device's fast type here (bf16 on AMX CPUs), even for small images.
+    assert on_disk["recipe"]["runtime"].split()[1] == select_runtime().precision
     assert set(on_disk["summary"]) == {"plain", "resnet"}
     plain8, plain20 = on_disk["models"][0], on_disk["models"][2]
     assert on_disk["summary"]["plain"]["train_error_change"] == pytest.approx(plain20["final_train_error"] - plain8["final_train_error"])
@@ -175,6 +181,15 @@ def test_usage_errors(cli, tmp_path, args, message):
     assert res.code == 2, res.err
     assert message in res.err and res.out == ""
     assert not (tmp_path / "out").exists()  # nothing written before the options are checked
+
+
+def test_output_inside_data_folder_refused(cli, tmp_path):
+    folder = make_class_folder(tmp_path / "d", per_class=2, size=8)
+    res = cli("degradation", folder, "--output", folder / "runs", "--workers", "0")
+    assert res.code == 2 and "inside the data folder" in res.err
+    res = cli("degradation", folder, "--workers", "0", cwd=folder)  # default runs/ under the current folder
+    assert res.code == 2 and "inside the data folder" in res.err
+    assert sorted(p.name for p in folder.iterdir()) == ["blue", "green", "red"]
 
 
 def test_missing_data_folder(cli, tmp_path):
