@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from rescli import console, data, models
+from rescli import console, data, distributed, models
 from rescli.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, make_checkpoint, save_checkpoint
 from rescli.errors import RescliError, UsageError
 from rescli.evaluate import EvalResult, run_eval, write_evaluation
 from rescli.predict import torch_logits_fn
-from rescli.runtime import Runtime, default_workers, select_runtime
+from rescli.runtime import Runtime, default_workers, resolve_device, select_runtime
 
 STRATEGIES = ("auto", "head", "full", "gradual")
 HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds")
@@ -73,6 +73,7 @@ class TrainSettings:
     mixup: float = 0.0  # Beta(alpha, alpha) mixing of image pairs; 0 = off
     cutmix: float = 0.0  # alpha of CutMix boxes; 0 = off (both on: one or the other per batch)
     cache_features: bool = True  # head strategy without augmentation: train the head on cached backbone features
+    sync_bn: bool = False  # distributed runs on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
 
 
 def settings_from_dict(d: dict[str, Any]) -> TrainSettings:
@@ -254,14 +255,18 @@ def _epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
 SMALL_IMAGES_FP32 = 40  # below this size, fp32 NCHW trains faster than bf16 channels_last on CPU
 
 
-def training_runtime(settings: TrainSettings) -> Runtime:
+def training_runtime(settings: TrainSettings, *, device: str | None = None) -> Runtime:
     """Device and precision for training. --precision auto on a CPU picks bf16 + channels_last (AMX), except
     for small images: measured here (resnet18, batch 32, AMX CPU) fp32 NCHW takes 127 vs 162 ms a step at
-    32 px and loses from 48 px on (241 vs 222; 96 px: 650 vs 344), as the tiny convolutions cannot use AMX."""
-    runtime = select_runtime(device=settings.device, precision=settings.precision)
+    32 px and loses from 48 px on (241 vs 222; 96 px: 650 vs 344), as the tiny convolutions cannot use AMX.
+    ``device`` overrides settings.device (a distributed run's process uses the GPU of its local rank)."""
+    runtime = select_runtime(device=settings.device if device is None else device, precision=settings.precision)
     if (
         runtime.device.type == "cpu" and (settings.precision or "auto").lower() == "auto" and runtime.precision == "bf16"
         and settings.img_size < SMALL_IMAGES_FP32
+        # CIFAR-style nets keep full resolution in their first stage, where AMX wins (resnet56 at 32 px:
+        # 291 ms bf16 vs 655 ms fp32 a step), so the rule is for torchvision's 4x-downsampling stem only.
+        and models.arch_spec(settings.arch).family == "torchvision"
     ):
         return Runtime(device=runtime.device, precision="fp32", channels_last=False)
     return runtime
@@ -339,8 +344,11 @@ class FeatureSet:
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, loader, *, runtime: Runtime, mean, std) -> FeatureSet:
-    """One pass of the backbone (the model with its head swapped for Identity) over ``loader``."""
+def extract_features(model: nn.Module, loader, *, runtime: Runtime, mean, std, allow_empty: bool = False) -> FeatureSet:
+    """One pass of the backbone (the model with its head swapped for Identity) over ``loader``.
+
+    ``allow_empty``: a loader that yields no readable image gives an empty set (one process's shard) instead of an error.
+    """
     head = model.fc
     model.fc = nn.Identity()
     was_training = model.training
@@ -361,8 +369,24 @@ def extract_features(model: nn.Module, loader, *, runtime: Runtime, mean, std) -
         model.fc = head
         model.train(was_training)
     if not feats:
+        if allow_empty:
+            dim = int(getattr(head, "in_features", 0))
+            return FeatureSet(torch.zeros(0, dim, device=runtime.device), torch.zeros(0, dtype=torch.long, device=runtime.device), [], failures)
         raise RescliError("no image could be read to compute backbone features")
     return FeatureSet(torch.cat(feats), torch.cat(labels), indices, failures)
+
+
+def _gather_features(ctx: distributed.DistContext, fs: FeatureSet, device: torch.device) -> FeatureSet:
+    """Every process's shard of features -> the whole set on every process, in dataset order."""
+    idx, got = distributed.gather_by_index(
+        ctx, np.asarray(fs.indices, dtype=np.int64), features=fs.features.cpu().numpy(), labels=fs.labels.cpu().numpy()
+    )
+    failures = sorted(f for part in distributed.gather_objects(ctx, list(fs.failures)) for f in part)
+    if not len(idx):
+        raise distributed.shared_error("no image could be read to compute backbone features")
+    return FeatureSet(
+        torch.from_numpy(got["features"]).to(device), torch.from_numpy(got["labels"]).to(device), idx.tolist(), failures
+    )
 
 
 def _eval_features(head: nn.Module, fs: FeatureSet, samples, *, runtime: Runtime) -> EvalResult:
@@ -382,6 +406,47 @@ def _eval_features(head: nn.Module, fs: FeatureSet, samples, *, runtime: Runtime
     )
 
 
+def _padded(loader, steps: int, *, img_size: int) -> Iterator[data.Batch]:
+    """A process's batches, then empty ones up to ``steps``: in a last global batch smaller than the number of
+    processes some get no image, yet every process must take part in every (all-reducing) step."""
+    n = 0
+    for batch in loader:
+        if batch.labels.numel() == 0:  # every image of the slot failed to load: an empty batch of the right shape
+            batch.images = torch.zeros(0, 3, img_size, img_size, dtype=torch.uint8)
+        yield batch
+        n += 1
+    empty = torch.zeros(0, dtype=torch.long)
+    for _ in range(n, steps):
+        yield data.Batch(torch.zeros(0, 3, img_size, img_size, dtype=torch.uint8), empty, empty, [])
+
+
+def _gather_eval(ctx: distributed.DistContext, ev: EvalResult, samples, *, n_classes: int) -> EvalResult:
+    """Each process's shard of a validation pass -> the whole split's result (dataset order), the same in every process."""
+    position = {path: i for i, (path, _) in enumerate(samples)}
+    logits = ev.logits if len(ev.y_true) else np.zeros((0, n_classes), np.float32)
+    idx, got = distributed.gather_by_index(
+        ctx, np.array([position[p] for p in ev.paths], dtype=np.int64), logits=logits, y_true=np.asarray(ev.y_true, dtype=np.int64)
+    )
+    failures = sorted(
+        (f for part in distributed.gather_objects(ctx, list(ev.failures)) for f in part), key=lambda f: position.get(f[0], -1)
+    )
+    paths = [samples[i][0] for i in idx]
+    if not len(idx):
+        empty = np.zeros(0, dtype=np.int64)
+        return EvalResult(float("nan"), float("nan"), empty, empty, np.zeros((0, 0), np.float32), [], failures)
+    logits_t, labels = torch.from_numpy(got["logits"]), torch.from_numpy(got["y_true"])
+    pred = logits_t.argmax(1)
+    return EvalResult(
+        loss=float(nn.functional.cross_entropy(logits_t, labels)),
+        accuracy=float((pred == labels).float().mean()),
+        y_true=labels.numpy(),
+        y_pred=pred.numpy(),
+        logits=got["logits"],
+        paths=paths,
+        failures=failures,
+    )
+
+
 def finetune(
     *,
     settings: TrainSettings | None = None,
@@ -396,18 +461,46 @@ def finetune(
 
     on_epoch_end(epoch=, model=, logits_fn=), if given, runs after each epoch's validation with the model
     in eval mode; the dict it returns is merged into that epoch's history row (returned; history.csv keeps
-    its fixed columns). rescli degradation uses it to measure training-set error.
+    its fixed columns). rescli degradation uses it to measure training-set error. In a distributed run it
+    runs in every process.
+
+    Started by torchrun (WORLD_SIZE > 1), every process calls this: DistributedDataParallel, each process
+    taking its share of every global batch (see rescli.distributed); rank 0 alone writes the run folder,
+    and every rank returns the same summary.
     """
+    try:
+        return _finetune(
+            settings=settings, output=output, resume=resume, epochs=epochs, show_progress=show_progress,
+            on_epoch_end=on_epoch_end, _stop=_stop,
+        )
+    finally:
+        distributed.shutdown()
+
+
+def _finetune(
+    *,
+    settings: TrainSettings | None,
+    output: str | os.PathLike | None,
+    resume: str | os.PathLike | None,
+    epochs: int | None,
+    show_progress: bool,
+    on_epoch_end: Callable[..., dict[str, Any] | None] | None,
+    _stop: StopFlag | None,
+) -> dict[str, Any]:
     state: dict[str, Any] | None = None
     if resume is not None:
-        run_dir, state = _load_resume(resume)
+        run_dir, state = _load_resume(resume)  # every process reads last.pt (multi-node: a folder they all see)
         settings = settings_from_dict(state["settings"])
         if epochs is not None:
             settings.epochs = epochs
-    else:
-        if settings is None:
-            raise UsageError("finetune needs settings or --resume")
-        run_dir = prepare_output_dir(output)
+    elif settings is None:
+        raise UsageError("finetune needs settings or --resume")
+    ctx, dist_device = distributed.init_from_env(settings.device)
+    distributed.check_batch_size(settings.batch_size, ctx.world_size)
+    if settings.sync_bn:
+        distributed.check_sync_bn(True, resolve_device(dist_device))
+    if resume is None:  # rank 0 picks (and makes) the run folder; the others learn its name
+        run_dir = Path(distributed.on_main(ctx, lambda: str(prepare_output_dir(output))))
 
     if settings.epochs < 1:
         raise UsageError("--epochs must be at least 1")
@@ -418,20 +511,26 @@ def finetune(
     validate_settings(settings)
     _seed_everything(settings.seed)
 
-    # Data: scan and check every image once (cached), split, report what was left out.
-    index = data.scan_dataset(
-        settings.data_dir, val_split=settings.val_split, seed=settings.seed, strict=settings.strict, workers=settings.workers
-    )
-    report_scan(index, run_dir)
+    # Data: scan and check every image once (cached), split, report what was left out. Distributed: rank 0
+    # scans and hands the index to the others, so every process has the same split.
+    def scan() -> data.DatasetIndex:
+        found = data.scan_dataset(
+            settings.data_dir, val_split=settings.val_split, seed=settings.seed, strict=settings.strict, workers=settings.workers
+        )
+        report_scan(found, run_dir)
+        if not found.splits["val"]:
+            raise RescliError(f"{settings.data_dir}: no validation images (use --val-split > 0 or add a val/ folder)")
+        return found
+
+    index = distributed.on_main(ctx, scan)
     classes = index.classes
     train_samples, val_samples = index.splits["train"], index.splits["val"]
-    if not val_samples:
-        raise RescliError(f"{settings.data_dir}: no validation images (use --val-split > 0 or add a val/ folder)")
 
     # Model and weights.
     model = models.create_model(settings.arch, len(classes), settings.arch_kwargs)
     if state is None:
-        winfo = models.load_pretrained(model, arch=settings.arch, weights=settings.weights, arch_kwargs=settings.arch_kwargs)
+        with distributed.main_first(ctx):  # one download of --weights imagenet, then the others read the cache
+            winfo = models.load_pretrained(model, arch=settings.arch, weights=settings.weights, arch_kwargs=settings.arch_kwargs)
         mean, std, pretrained = list(winfo.mean), list(winfo.std), winfo.pretrained
     else:
         model.load_state_dict(state["model"])
@@ -439,7 +538,7 @@ def finetune(
     strategy, frozen_epochs = resolve_strategy(
         settings.strategy, pretrained=pretrained, epochs=settings.epochs, freeze_epochs=settings.freeze_epochs
     )
-    runtime = training_runtime(settings)
+    runtime = training_runtime(settings, device=dist_device)
     model.to(runtime.device, memory_format=runtime.memory_format)
 
     workers = default_workers() if settings.workers is None else settings.workers
@@ -454,22 +553,29 @@ def finetune(
         data.build_transform(img_size=settings.img_size, train=False),
         draft_size=data.draft_size_for(settings.img_size, train=False),
     )
-    val_loader = data.make_loader(val_ds, batch_size=settings.batch_size * 2, shuffle=False, workers=workers, pin_memory=pin)
+    # Distributed: each process evaluates every N-th validation image; the results are gathered by index.
+    val_loader = data.make_loader(
+        val_ds, batch_size=settings.batch_size * 2, shuffle=False, workers=workers, pin_memory=pin,
+        sampler=distributed.shard(range(len(val_ds)), ctx) if ctx.enabled else None,
+    )
 
     lr_find_info: dict[str, Any] | None = None
     if settings.lr == "auto":  # LR range test on this model and data first (never on resume: last.pt holds a number)
         from rescli.lr_find import range_test
 
-        console.info("--lr auto: running the learning-rate range test first")
-        found = range_test(
-            model, train_ds, runtime=runtime, mean=mean, std=std, frozen_backbone=strategy in ("head", "gradual") and frozen_epochs > 0,
-            batch_size=settings.batch_size, weight_decay=settings.weight_decay, label_smoothing=settings.label_smoothing,
-            workers=workers, seed=settings.seed, show_progress=show_progress,
-        )
-        found.plot(run_dir / "lr_find.png")
-        settings.lr = found.suggestion
-        lr_find_info = {"suggested_lr": found.suggestion, "plot": str(run_dir / "lr_find.png"), "steps": len(found.lrs)}
-        console.info(f"--lr auto: using lr {found.suggestion:.3g} (curve in {run_dir / 'lr_find.png'})")
+        def lr_test() -> dict[str, Any]:  # distributed: on rank 0 alone, with the whole global batch
+            console.info("--lr auto: running the learning-rate range test first")
+            found = range_test(
+                model, train_ds, runtime=runtime, mean=mean, std=std, frozen_backbone=strategy in ("head", "gradual") and frozen_epochs > 0,
+                batch_size=settings.batch_size, weight_decay=settings.weight_decay, label_smoothing=settings.label_smoothing,
+                workers=workers, seed=settings.seed, show_progress=show_progress,
+            )
+            found.plot(run_dir / "lr_find.png")
+            return {"suggested_lr": found.suggestion, "plot": str(run_dir / "lr_find.png"), "steps": len(found.lrs)}
+
+        lr_find_info = distributed.on_main(ctx, lr_test)
+        settings.lr = lr_find_info["suggested_lr"]
+        console.info(f"--lr auto: using lr {settings.lr:.3g} (curve in {run_dir / 'lr_find.png'})")
         _seed_everything(settings.seed)
 
     # Head only, no augmentation: the backbone's output for an image never changes, so compute it once and
@@ -484,14 +590,22 @@ def finetune(
         t_cache = time.perf_counter()
         console.info(f"head only, no augmentation: caching backbone features ({len(train_ds)} train + {len(val_ds)} val images, one pass)")
         train_feats = extract_features(
-            model, data.make_loader(train_ds, batch_size=settings.batch_size * 2, shuffle=False, workers=workers, pin_memory=pin),
-            runtime=runtime, mean=mean, std=std,
+            model, data.make_loader(
+                train_ds, batch_size=settings.batch_size * 2, shuffle=False, workers=workers, pin_memory=pin,
+                sampler=distributed.shard(range(len(train_ds)), ctx) if ctx.enabled else None,
+            ),
+            runtime=runtime, mean=mean, std=std, allow_empty=ctx.enabled,
         )
-        val_feats = extract_features(model, val_loader, runtime=runtime, mean=mean, std=std)
+        val_feats = extract_features(model, val_loader, runtime=runtime, mean=mean, std=std, allow_empty=ctx.enabled)
+        if ctx.enabled:  # each process computed a shard: every process gets all features, in dataset order
+            train_feats = _gather_features(ctx, train_feats, runtime.device)
+            val_feats = _gather_features(ctx, val_feats, runtime.device)
         cache_seconds = time.perf_counter() - t_cache
         for _, msg in train_feats.failures + val_feats.failures:
             console.warn(f"skipped: {msg}")
         console.info(f"features cached in {cache_seconds:.1f}s")
+    if settings.sync_bn and ctx.enabled and not use_cache:  # after the LR test, which runs on rank 0 alone
+        model = distributed.convert_sync_bn(model)  # same parameter and buffer tensors, same state_dict keys
     n_train = len(train_feats.indices) if use_cache else len(train_ds)
     steps_per_epoch = max(1, math.ceil(n_train / settings.batch_size))
     plan = Plan(strategy, frozen_epochs, settings.epochs, steps_per_epoch, settings.warmup_fraction)
@@ -516,6 +630,9 @@ def finetune(
         class_weights = torch.tensor(counts.sum() / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32)
         class_weights = class_weights.to(runtime.device)
     criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=settings.label_smoothing)
+    # Distributed: each process sums its images' losses and divides by the global batch's total (all-reduced),
+    # times N: DDP's gradient average is then exactly the gradient of the global batch's mean loss.
+    criterion_sum = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=settings.label_smoothing, reduction="sum")
     eval_logits = torch_logits_fn(model, runtime=runtime, mean=mean, std=std)
 
     start_epoch, start_step, best_acc, best_loss, best_epoch = 0, 0, -1.0, float("inf"), -1
@@ -564,7 +681,13 @@ def finetune(
         run_info["lr_find"] = lr_find_info
     if use_cache:
         run_info["feature_cache"] = {"seconds": round(cache_seconds, 3), "train": n_train, "val": len(val_feats.indices)}
-    atomic_write_json(run_dir / "run.json", run_info)
+    if ctx.enabled:
+        run_info["distributed"] = {
+            "world_size": ctx.world_size, "backend": distributed.backend(),
+            "per_process_batch": settings.batch_size // ctx.world_size, "sync_bn": bool(settings.sync_bn),
+        }
+    if ctx.is_main:
+        atomic_write_json(run_dir / "run.json", run_info)
 
     partial = [0.0, 0, 0]  # loss sum, images, correct so far in the current epoch (saved on interrupt)
 
@@ -586,6 +709,8 @@ def finetune(
         )
 
     def save_last(epoch_done: int, step_in_epoch: int, metrics: dict[str, Any] | None = None) -> None:
+        if not ctx.is_main:
+            return
         ckpt = make_checkpoint(
             model_state=model.state_dict(), settings=settings_dict, metrics=metrics or {}, **base,
             **training_state(epoch_done, step_in_epoch),
@@ -595,11 +720,16 @@ def finetune(
     console.info(
         f"{settings.arch} · {len(classes)} classes · {len(train_samples)} train / {len(val_samples)} val images · "
         f"{runtime.describe()} · strategy {strategy}" + (f" ({frozen_epochs} frozen epoch(s))" if strategy == "gradual" else "")
+        + (f" · {ctx.world_size} processes ({distributed.backend()}), {settings.batch_size // ctx.world_size} images each a step"
+           if ctx.enabled else "")
         + f" · run folder {run_dir}"
     )
     stop = _stop if _stop is not None else StopFlag()  # not `_stop or`: an unset flag is falsy
     warned: set[str] = set()
     stopped_early = False
+    ddp: nn.Module | None = None  # DistributedDataParallel over the model (or the head, on cached features)
+    ddp_frozen: bool | None = None
+    stop_all = [False]  # distributed: a stop asked in any process, as agreed at the last step
     with stop.installed():
         for epoch in range(start_epoch, settings.epochs):
             t0 = time.perf_counter()
@@ -610,82 +740,130 @@ def finetune(
                 models.freeze_batchnorm_stats(model)
             order = _epoch_order(n_train, seed=settings.seed, epoch=epoch)
             skip = start_step if epoch == start_epoch else 0
-            if skip and state is not None and state.get("epoch_partial"):
+            if skip and state is not None and state.get("epoch_partial") and ctx.is_main:  # saved totals: counted once
                 partial[:] = [float(state["epoch_partial"][0]), int(state["epoch_partial"][1]), float(state["epoch_partial"][2])]
             else:
                 partial[:] = [0.0, 0, 0]
             trainable = [p for p in model.parameters() if p.requires_grad]
+            if ctx.enabled and (ddp is None or ddp_frozen != frozen):
+                # DDP registers the parameters that require grad when it is built: rebuild it when the set changes
+                # (gradual: after the frozen epochs). Building also copies rank 0's weights and buffers everywhere.
+                ddp = None
+                ddp = distributed.wrap(model.fc if use_cache else model, ctx, runtime.device)
+                ddp_frozen = frozen
 
             def train_step(inputs: torch.Tensor, y: torch.Tensor, forward, step: int) -> None:
                 """One optimiser step on a batch; ``forward`` maps inputs to logits (the whole net, or the head)."""
                 inputs, y_a, y_b, lam = mix_batch(
                     inputs, y, mixup=settings.mixup, cutmix=settings.cutmix, rng=_mix_rng(settings.seed, epoch, step)
                 ) if not use_cache else (inputs, y, y, 1.0)
+                crit = criterion_sum if ctx.enabled else criterion
                 with runtime.autocast():
-                    logits = forward(inputs).float()
-                    loss = criterion(logits, y_a) if lam == 1.0 else lam * criterion(logits, y_a) + (1 - lam) * criterion(logits, y_b)
-                if not torch.isfinite(loss):
+                    try:
+                        logits = forward(inputs).float()
+                    except ValueError as exc:  # BatchNorm in training mode cannot normalise one value per channel
+                        if "more than 1 value per channel" not in str(exc):
+                            raise
+                        raise RescliError(
+                            f"a training batch of {len(y)} image(s) reached a 1x1 BatchNorm layer (epoch {epoch + 1}, step {step + 1}), "
+                            f"which cannot be normalised in training mode: use a --batch-size that leaves no batch of one image "
+                            f"per process (here {n_train} training images), or a larger --img-size"
+                        ) from None
+                    loss = crit(logits, y_a) if lam == 1.0 else lam * crit(logits, y_a) + (1 - lam) * crit(logits, y_b)
+                finite = bool(torch.isfinite(loss))
+                scale, weight, total_weight = 1.0, float(len(y)), float(len(y))
+                if ctx.enabled:  # one small all-reduce: the global batch's weight, a bad loss anywhere, a stop anywhere
+                    weight = float(class_weights[y_a].sum()) if class_weights is not None else float(len(y))
+                    total_weight, bad, stops = distributed.all_reduce_sum(ctx, weight, float(not finite), float(bool(stop)))
+                    finite, stop_all[0] = finite and bad == 0, stops > 0
+                    scale = ctx.world_size / total_weight if total_weight > 0 else 0.0
+                if not finite:
                     kept = (
                         f"best.pt (epoch {best_epoch + 1}, val accuracy {best_acc:.4f}) is kept in {run_dir}"
                         if best_epoch >= 0 else f"no epoch finished, so there is no best.pt in {run_dir}"
                     )
-                    raise RescliError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; training stopped. {kept}. "
+                    shown = loss.item() if not torch.isfinite(loss) else "non-finite in another process"
+                    raise distributed.shared(RescliError(
+                        f"loss became {shown} at epoch {epoch + 1}, step {step + 1}; training stopped. {kept}. "
                         f"Try a lower --lr (now {settings.lr:.3g}) or rescli lr-find"
-                    )
+                    ), ctx)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if settings.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                scaler.scale(loss * scale if ctx.enabled else loss).backward()  # DDP: gradients all-reduced here
+                if total_weight > 0:  # (distributed: not when no process had an image; single: never 0 here)
+                    if settings.grad_clip > 0:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
                 pred = logits.detach().argmax(1)
-                partial[0] += loss.item() * len(y)
+                partial[0] += (loss.item() * len(y) / weight if weight > 0 else 0.0) if ctx.enabled else loss.item() * len(y)
                 partial[2] += lam * int((pred == y_a).sum()) + (1 - lam) * int((pred == y_b).sum())
                 partial[1] += len(y)
 
             step = skip
-            with _progress(f"epoch {epoch + 1}/{settings.epochs}", steps_per_epoch - skip, enabled=show_progress) as advance:
+            # Distributed: this process's slot of every global batch of the same order (one entry per global step).
+            mine = distributed.rank_batches(order, batch_size=settings.batch_size, ctx=ctx)[skip:] if ctx.enabled else None
+            with _progress(f"epoch {epoch + 1}/{settings.epochs}", steps_per_epoch - skip, enabled=show_progress and ctx.is_main) as advance:
                 if use_cache:
                     while step < steps_per_epoch:
-                        idx = torch.tensor(order[step * settings.batch_size:(step + 1) * settings.batch_size], device=runtime.device)
-                        train_step(train_feats.features[idx], train_feats.labels[idx], model.fc, step)
+                        if ctx.enabled:
+                            idx = torch.tensor(mine[step - skip], dtype=torch.long, device=runtime.device)
+                        else:
+                            idx = torch.tensor(order[step * settings.batch_size:(step + 1) * settings.batch_size], device=runtime.device)
+                        train_step(train_feats.features[idx], train_feats.labels[idx], ddp if ctx.enabled else model.fc, step)
                         scheduler.step()
                         step += 1
                         advance(partial[0] / max(1, partial[1]))
-                        if stop.check():
+                        if stop_all[0] if ctx.enabled else stop.check():
                             break
                 else:
-                    loader = data.make_loader(
-                        train_ds, batch_size=settings.batch_size, shuffle=False, workers=workers, pin_memory=pin,
-                        sampler=order[skip * settings.batch_size:], seed=settings.seed + epoch,
-                    )
-                    for batch in loader:
+                    if ctx.enabled:  # full slots are batch/N long, so batching the flattened slots gives them back
+                        loader = data.make_loader(
+                            train_ds, batch_size=settings.batch_size // ctx.world_size, shuffle=False, workers=workers,
+                            pin_memory=pin, sampler=[i for b in mine for i in b], seed=settings.seed + epoch,
+                        )
+                        batches = _padded(loader, len(mine), img_size=settings.img_size)
+                    else:
+                        loader = data.make_loader(
+                            train_ds, batch_size=settings.batch_size, shuffle=False, workers=workers, pin_memory=pin,
+                            sampler=order[skip * settings.batch_size:], seed=settings.seed + epoch,
+                        )
+                        batches = loader
+                    for batch in batches:
                         for i, msg in batch.failures:
                             if msg not in warned:
                                 warned.add(msg)
                                 console.warn(f"skipped during training: {msg}")
-                        if batch.labels.numel() > 0:
+                        if batch.labels.numel() > 0 or ctx.enabled:  # every process takes part in every step
                             x = data.to_model_input(batch.images, device=runtime.device, mean=mean, std=std, channels_last=runtime.channels_last)
-                            train_step(x, batch.labels.to(runtime.device, non_blocking=True), model, step)
+                            train_step(x, batch.labels.to(runtime.device, non_blocking=True), ddp if ctx.enabled else model, step)
                         scheduler.step()
                         step += 1
                         advance(partial[0] / max(1, partial[1]))
-                        if stop.check():
+                        if stop_all[0] if ctx.enabled else stop.check():
                             break
-                    del loader
+                    del batches, loader
+            if ctx.enabled:  # this epoch's training loss and accuracy over every process's images
+                partial[:] = distributed.all_reduce_sum(ctx, *partial)
+                distributed.check_in_sync(model, ctx)
             loss_sum, seen, correct = partial
-            if stop and step < steps_per_epoch:  # mid-epoch: save where we are; the resumed run skips the batches done
-                save_last(epoch, step)
-                raise Interrupted(
-                    f"interrupted ({stop.signal_name}) in epoch {epoch + 1}, step {step}/{steps_per_epoch}; saved {run_dir / 'last.pt'}. "
-                    f"Continue with: rescli finetune --resume {run_dir}"
-                )
+            if (stop_all[0] if ctx.enabled else stop) and step < steps_per_epoch:  # mid-epoch: save where we are
+                save_last(epoch, step)  # the resumed run skips the batches done
+                distributed.barrier(ctx)  # nobody exits (and has torchrun stop the others) before last.pt is written
+                raise distributed.shared(Interrupted(
+                    f"interrupted ({stop.signal_name or 'stop asked in another process'}) in epoch {epoch + 1}, step {step}/{steps_per_epoch}; "
+                    f"saved {run_dir / 'last.pt'}. Continue with: rescli finetune --resume {run_dir}"
+                ), ctx)
 
             train_seconds = time.perf_counter() - t0
             model.eval()
-            ev = _eval_features(model.fc, val_feats, val_samples, runtime=runtime) if use_cache else run_eval(eval_logits, val_loader)
+            if use_cache:
+                ev = _eval_features(model.fc, val_feats, val_samples, runtime=runtime)
+            elif ctx.enabled:  # every process evaluates rank 0's model (BN statistics included) on its shard
+                distributed.broadcast_buffers(model, ctx)
+                ev = _gather_eval(ctx, run_eval(eval_logits, val_loader), val_samples, n_classes=len(classes))
+            else:
+                ev = run_eval(eval_logits, val_loader)
             for _, msg in ev.failures:  # a validation file that vanished or broke since the scan: named once, run goes on
                 if msg not in warned:
                     warned.add(msg)
@@ -704,24 +882,28 @@ def finetune(
             if on_epoch_end is not None:
                 row.update(on_epoch_end(epoch=epoch + 1, model=model, logits_fn=eval_logits) or {})
             history.append(row)
-            write_history(run_dir / "history.csv", history)
+            if ctx.is_main:
+                write_history(run_dir / "history.csv", history)
+            # Distributed: ev is the same gathered result in every process, so they all take the same decisions.
             improved = ev.accuracy > best_acc or (ev.accuracy == best_acc and ev.loss < best_loss)
             if improved:
                 best_acc, best_loss, best_epoch, bad_epochs = ev.accuracy, ev.loss, epoch, 0
                 best_eval = ev
-                _save(
-                    make_checkpoint(model_state=model.state_dict(), settings=settings_dict,
-                                    metrics={"val_accuracy": ev.accuracy, "val_loss": ev.loss, "epoch": epoch + 1}, **base),
-                    run_dir / "best.pt",
-                )
+                if ctx.is_main:
+                    _save(
+                        make_checkpoint(model_state=model.state_dict(), settings=settings_dict,
+                                        metrics={"val_accuracy": ev.accuracy, "val_loss": ev.loss, "epoch": epoch + 1}, **base),
+                        run_dir / "best.pt",
+                    )
             else:
                 bad_epochs += 1
             save_last(epoch + 1, 0, {"val_accuracy": ev.accuracy, "val_loss": ev.loss, "epoch": epoch + 1})
-            if stop:  # the signal came during the epoch's last step: the epoch is complete, evaluated and saved
-                raise Interrupted(
-                    f"interrupted ({stop.signal_name}) after epoch {epoch + 1}; saved {run_dir / 'last.pt'}. "
-                    f"Continue with: rescli finetune --resume {run_dir}"
-                )
+            if distributed.any_rank(ctx, bool(stop)):  # the signal came during the epoch's last step: complete, evaluated, saved
+                # (any_rank waits for rank 0, which has written last.pt by then)
+                raise distributed.shared(Interrupted(
+                    f"interrupted ({stop.signal_name or 'stop asked in another process'}) after epoch {epoch + 1}; "
+                    f"saved {run_dir / 'last.pt'}. Continue with: rescli finetune --resume {run_dir}"
+                ), ctx)
             console.info(
                 f"epoch {epoch + 1}/{settings.epochs}  train loss {row['train_loss']:.4f}  val loss {ev.loss:.4f}  "
                 f"val acc {ev.accuracy:.4f}  {seconds:.1f}s" + ("  *" if improved else "")
@@ -731,20 +913,28 @@ def finetune(
                 stopped_early = True
                 break
 
-    if best_eval is None:  # resumed after the best epoch: evaluate best.pt once to report its metrics
-        best = load_checkpoint(run_dir / "best.pt")
-        model.load_state_dict(best["model"])
-        model.eval()
-        best_eval = run_eval(eval_logits, val_loader)
-    # Temperature fitted on the validation split; metrics.json, predictions.csv, the PNGs and report.html.
-    metrics = write_evaluation(
-        out_dir=run_dir, ev=best_eval, classes=classes, fit=True, history=history,
-        extra=dict(best_epoch=best_epoch + 1, epochs_run=len(history), stopped_early=stopped_early),
-    )
-    best_ckpt = load_checkpoint(run_dir / "best.pt")
-    best_ckpt["metrics"] = metrics
-    best_ckpt["temperature"] = float(metrics["temperature"])
-    save_checkpoint(best_ckpt, run_dir / "best.pt")
+    def evaluation_files() -> dict[str, Any]:  # distributed: rank 0 alone; the others receive the metrics
+        ev = best_eval
+        if ev is None:  # resumed after the best epoch: evaluate best.pt once to report its metrics
+            best = load_checkpoint(run_dir / "best.pt")
+            model.load_state_dict(best["model"])
+            model.eval()
+            loader = val_loader if not ctx.enabled else data.make_loader(  # the whole split, not this process's shard
+                val_ds, batch_size=settings.batch_size * 2, shuffle=False, workers=workers, pin_memory=pin
+            )
+            ev = run_eval(eval_logits, loader)
+        # Temperature fitted on the validation split; metrics.json, predictions.csv, the PNGs and report.html.
+        metrics = write_evaluation(
+            out_dir=run_dir, ev=ev, classes=classes, fit=True, history=history,
+            extra=dict(best_epoch=best_epoch + 1, epochs_run=len(history), stopped_early=stopped_early),
+        )
+        best_ckpt = load_checkpoint(run_dir / "best.pt")
+        best_ckpt["metrics"] = metrics
+        best_ckpt["temperature"] = float(metrics["temperature"])
+        save_checkpoint(best_ckpt, run_dir / "best.pt")
+        return metrics
+
+    metrics = distributed.on_main(ctx, evaluation_files)
     return {"run_dir": str(run_dir), "metrics": metrics, "history": history, "classes": classes}
 
 
