@@ -241,8 +241,14 @@ def main() -> None:
 
     if args.data is None:
         args.data = str(make_photos(Path(tempfile.mkdtemp(prefix="rescli-bench-data-")), args.images))
-    argv = [a for a in sys.argv[1:] if not a.startswith("--phases")]
-    argv = [a for i, a in enumerate(argv) if not (i > 0 and argv[i - 1] == "--phases")]
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # forward everything but --phases/--json to the children
+        if skip:
+            skip = False
+        elif a == "--phases":
+            skip = True
+        elif not a.startswith("--phases=") and a != "--json":
+            argv.append(a)
     if "--data" not in argv:
         argv += ["--data", args.data]
     results = {}

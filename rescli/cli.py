@@ -98,6 +98,8 @@ Examples:
     rescli finetune ./images --weights my_resnet18.pth --strategy full
     rescli finetune --resume runs/run3               # continue an interrupted run (Ctrl-C saves last.pt)
     rescli finetune --resume runs/run3 --epochs 10   # ... or train it longer
+    rescli finetune ./images --gpus 4 --batch-size 256   # 4 GPUs (DDP via torchrun); 256 = the global batch
+    torchrun --nproc-per-node 4 -m rescli finetune ./images --batch-size 256   # the same, started by hand
 """)
 def finetune(
     data_dir: Optional[Path] = typer.Argument(None, help="Folder with one sub-folder per class, or train/ + val/ (+ test/) split folders."),
@@ -127,12 +129,20 @@ def finetune(
     strict: bool = typer.Option(False, "--strict", help="Stop on any broken image instead of skipping it."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder [default: a new runs/runN]."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run: its folder or its last.pt."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", "--nproc", help="Train with N processes on this machine (one per GPU; gloo processes on a CPU-only machine): re-runs this command under torchrun. --batch-size stays the global batch. Several machines: torchrun itself (README: 'Several GPUs, several machines')."),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="Distributed runs on GPUs: BatchNorm statistics over the whole global batch (SyncBatchNorm); not available on CPU."),
     fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="Summary on stdout as a table or JSON."),
 ) -> None:
     """Fine-tune a ResNet on DATA_DIR and write a run folder (best.pt, last.pt, history.csv, metrics.json)."""
-    from rescli import models
+    from rescli import distributed, models
     from rescli.train import TrainSettings, finetune as run_finetune
 
+    if gpus is not None and (gpus > 1 or distributed.launched_by_torchrun()):
+        if resume is None:
+            distributed.check_batch_size(batch_size, gpus)
+        raise typer.Exit(distributed.launch(gpus, distributed.strip_launch_option(sys.argv[1:])))
+    if gpus is not None and gpus < 1:
+        raise RescliError("--gpus/--nproc must be at least 1", exit_code=2)
     if resume is None:
         if data_dir is None:
             raise RescliError("missing DATA_DIR (or pass --resume RUN_DIR)", exit_code=2)
@@ -143,11 +153,13 @@ def finetune(
             strategy=strategy, freeze_epochs=freeze_epochs, epochs=epochs or 5, batch_size=batch_size, img_size=img_size,
             lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, patience=patience,
             balance=balance, val_split=val_split, seed=seed, workers=workers, device=device, precision=precision, strict=strict,
-            mixup=mixup, cutmix=cutmix, cache_features=cache_features,
+            mixup=mixup, cutmix=cutmix, cache_features=cache_features, sync_bn=sync_bn,
         )
         result = run_finetune(settings=settings, output=output)
     else:
         result = run_finetune(resume=resume, epochs=epochs)
+    if not distributed.is_main_process():  # torchrun's other processes: rank 0 prints the one summary
+        return
     m = result["metrics"]
     summary = {
         "run_dir": result["run_dir"],
@@ -585,15 +597,15 @@ class _StreamTable:
 @app.command(epilog="""
 Examples:
 
-    rescli degradation ./images --depths 20,56                 # plain-20/56 vs ResNet-20/56, 12 epochs
-    rescli degradation ./images --depths 20,32,44,56 --epochs 30 --output runs/deg
-    rescli degradation ./images --depths 20,56 --shortcut B --img-size 16
-    rescli degradation ./images --format json | jq '.models[] | {name, final_train_error}'
-    OMP_NUM_THREADS=1 rescli degradation ./images              # on a busy machine (see --threads)
+    rescli degradation ./images --depths 20,56     # plain/ResNet-20 and -56
+    rescli degradation ./images --depths 20,32,44,56 --epochs 30 -o runs/deg
+    rescli degradation ./images --shortcut B --img-size 16
+    rescli degradation ./images --format json | jq '.summary'
+    rescli degradation ./images --threads 1        # busy machine: much faster
 
 Writes OUTPUT/degradation.json, OUTPUT/degradation.png and a run folder per model
 (OUTPUT/plain20/best.pt, ...). Training error is measured in eval mode on the whole
-training split after each epoch, like validation error. Details: docs/degradation.md.
+training split after each epoch, like validation error. Details: the README section "Plain vs residual networks".
 """)
 def degradation(
     data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class (small images: digits, CIFAR-like)."),
@@ -732,13 +744,28 @@ class PipeClosed(RescliError):
 
 def main() -> None:
     try:
+        _main()
+    except SystemExit as exc:  # under `finetune --gpus N`, rank 0 leaves its status for the launcher
+        if os.environ.get("RESCLI_LAUNCH_STATUS_FILE"):  # (checked first: no torch import on every exit)
+            from rescli.distributed import record_exit_status
+
+            record_exit_status(exc.code)
+        raise
+
+
+def _main() -> None:
+    try:
         # standalone_mode=False hands typer.Exit(code) back as a return value instead of exiting.
         code = app(standalone_mode=False)
     except PipeClosed as exc:
         _silence_stdout()
         sys.exit(exc.exit_code)
     except RescliError as exc:
-        console.err.print(f"error: {exc.message}", markup=False, highlight=False)
+        rank = _torchrun_rank()
+        if rank == 0:
+            console.err.print(f"error: {exc.message}", markup=False, highlight=False)
+        elif not getattr(exc, "shared", False) and exc.exit_code != 2:  # rank 0 shows the errors all ranks share
+            console.err.print(f"error (rank {rank}): {exc.message}", markup=False, highlight=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.err.print("interrupted", markup=False)
@@ -753,6 +780,14 @@ def main() -> None:
             sys.exit(exc.exit_code)
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _torchrun_rank() -> int:
+    """This process's rank when torchrun started it (0 otherwise); read from the environment, no torch import."""
+    try:
+        return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except (KeyError, ValueError):
+        return 0
 
 
 def _silence_stdout() -> None:

@@ -61,7 +61,7 @@ class TrainSettings:
     warmup_fraction: float = 0.1
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
-    augment: str = "none"  # short runs underfit: augmentation only slows them (see docs/transfer.md); light/strong for long runs
+    augment: str = "none"  # short runs underfit: augmentation only slows them (README: "Transfer learning"); light/strong for long runs
     balance: bool = False
     patience: int | None = None
     val_split: float = 0.2
