@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import sys
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import Any, List, Optional
@@ -127,6 +128,7 @@ def finetune(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16 (auto: bf16 on CPUs with AMX/AVX512-BF16 and GPUs that have it, fp16 on older GPUs)."),
     strict: bool = typer.Option(False, "--strict", help="Stop on any broken image instead of skipping it."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the model for training (slower start, faster steps; single process)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder [default: a new runs/runN]."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run: its folder or its last.pt."),
     gpus: Optional[int] = typer.Option(None, "--gpus", "--nproc", help="Train with N processes on this machine (one per GPU; gloo processes on a CPU-only machine): re-runs this command under torchrun. --batch-size stays the global batch. Several machines: torchrun itself (README: 'Several GPUs, several machines')."),
@@ -152,7 +154,7 @@ def finetune(
             data_dir=str(data_dir), arch=arch_name, arch_kwargs=arch_kwargs, weights=weights,
             strategy=strategy, freeze_epochs=freeze_epochs, epochs=epochs or 5, batch_size=batch_size, img_size=img_size,
             lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, patience=patience,
-            balance=balance, val_split=val_split, seed=seed, workers=workers, device=device, precision=precision, strict=strict,
+            balance=balance, val_split=val_split, seed=seed, workers=workers, device=device, precision=precision, strict=strict, compile=compile_,
             mixup=mixup, cutmix=cutmix, cache_features=cache_features, sync_bn=sync_bn,
         )
         result = run_finetune(settings=settings, output=output)
@@ -759,6 +761,11 @@ def _main() -> None:
         code = app(standalone_mode=False)
     except PipeClosed as exc:
         _silence_stdout()
+        if threading.active_count() > 1 and _stdout_is_real_fd():
+            # Decode threads may still be inside native code; a normal interpreter teardown under them can
+            # abort ("terminate called without an active exception", exit 134). Nothing is left to flush.
+            sys.stderr.flush()
+            os._exit(exc.exit_code)
         sys.exit(exc.exit_code)
     except RescliError as exc:
         rank = _torchrun_rank()
@@ -788,6 +795,14 @@ def _torchrun_rank() -> int:
         return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
     except (KeyError, ValueError):
         return 0
+
+
+def _stdout_is_real_fd() -> bool:
+    try:
+        sys.stdout.fileno()
+        return True
+    except (OSError, ValueError):  # replaced by an in-memory stream (tests, embedding)
+        return False
 
 
 def _silence_stdout() -> None:

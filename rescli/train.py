@@ -70,6 +70,7 @@ class TrainSettings:
     device: str = "auto"
     precision: str = "auto"
     strict: bool = False
+    compile: bool = False  # torch.compile the training forward/backward (first steps pay the compile time)
     mixup: float = 0.0  # Beta(alpha, alpha) mixing of image pairs; 0 = off
     cutmix: float = 0.0  # alpha of CutMix boxes; 0 = off (both on: one or the other per batch)
     cache_features: bool = True  # head strategy without augmentation: train the head on cached backbone features
@@ -488,6 +489,7 @@ def _finetune(
     _stop: StopFlag | None,
 ) -> dict[str, Any]:
     state: dict[str, Any] | None = None
+    _compiled_cache: dict[str, Any] = {}
     if resume is not None:
         run_dir, state = _load_resume(resume)  # every process reads last.pt (multi-node: a folder they all see)
         settings = settings_from_dict(state["settings"])
@@ -752,6 +754,9 @@ def _finetune(
                 ddp = distributed.wrap(model.fc if use_cache else model, ctx, runtime.device)
                 ddp_frozen = frozen
 
+            # Compiled once per run; the plain `model` still owns the weights, so checkpoints are unchanged.
+            compiled = model if not settings.compile or ctx.enabled else _compiled_cache.setdefault("m", torch.compile(model))
+
             def train_step(inputs: torch.Tensor, y: torch.Tensor, forward, step: int) -> None:
                 """One optimiser step on a batch; ``forward`` maps inputs to logits (the whole net, or the head)."""
                 inputs, y_a, y_b, lam = mix_batch(
@@ -836,7 +841,7 @@ def _finetune(
                                 console.warn(f"skipped during training: {msg}")
                         if batch.labels.numel() > 0 or ctx.enabled:  # every process takes part in every step
                             x = data.to_model_input(batch.images, device=runtime.device, mean=mean, std=std, channels_last=runtime.channels_last)
-                            train_step(x, batch.labels.to(runtime.device, non_blocking=True), ddp if ctx.enabled else model, step)
+                            train_step(x, batch.labels.to(runtime.device, non_blocking=True), ddp if ctx.enabled else compiled, step)
                         scheduler.step()
                         step += 1
                         advance(partial[0] / max(1, partial[1]))
