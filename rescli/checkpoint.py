@@ -20,7 +20,7 @@ import torch
 
 from rescli import __version__
 from rescli.errors import RescliError
-from rescli.fileio import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, json_default  # noqa: F401
+from rescli.fileio import atomic_write_bytes, json_default
 
 FORMAT = "rescli-checkpoint"
 FORMAT_VERSION = 1

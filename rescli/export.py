@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from rescli import data
-from rescli.checkpoint import atomic_write_bytes, load_checkpoint, versions
+from rescli.checkpoint import load_checkpoint, versions
+from rescli.fileio import atomic_write_bytes
 from rescli.errors import RescliError, UsageError
 
 FORMATS = ("torchscript", "onnx")

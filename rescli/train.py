@@ -7,7 +7,6 @@ atomically, so a kill at any moment leaves usable files behind.
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -27,7 +26,8 @@ import torch
 from torch import nn
 
 from rescli import console, data, distributed, models
-from rescli.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, make_checkpoint, save_checkpoint
+from rescli.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from rescli.fileio import atomic_write_json, atomic_write_text
 from rescli.errors import RescliError, UsageError
 from rescli.evaluate import EvalResult, run_eval, write_evaluation
 from rescli.predict import torch_logits_fn

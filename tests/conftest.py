@@ -18,6 +18,18 @@ sys.path.insert(0, str(Path(__file__).parent))  # so tests can `from hostile imp
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread for the whole suite: tiny convolutions gain nothing from a second one, runs repeat
+    bit for bit, and on a busy machine OpenMP threads spin-waiting for each other made steps ~20x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory, monkeypatch):
     """No test reads or writes the user's caches or runs/ folder."""

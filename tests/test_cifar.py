@@ -22,14 +22,6 @@ EXACT_B = {20: 272_474, 32: 466_906, 44: 661_338, 56: 855_770, 110: 1_730_714}
 EXACT_C = {20: 283_962, 32: 489_594, 44: 695_226, 56: 900_858, 110: 1_826_202}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a machine shared by several jobs, 2 OpenMP threads spin-wait for each other and
-    tiny convolutions run many times slower (measured: ~20x). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def n_params(m: nn.Module) -> int:

@@ -22,14 +22,6 @@ from rescli.errors import RescliError
 SMALL = ("--img-size", "8", "--batch-size", "8", "--workers", "0", "--threads", "1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a machine shared by several jobs, 2 OpenMP threads spin-wait for each other and
-    tiny convolutions run many times slower (measured: ~20x). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import dist_worker
 from conftest import COLORS, write_color_images
@@ -34,12 +33,6 @@ TRAIN, VAL = {"red": 9, "green": 9, "blue": 9}, {"red": 3, "green": 2, "blue": 2
 N_TRAIN, N_VAL = 27, 7
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

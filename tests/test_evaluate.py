@@ -56,15 +56,6 @@ def _top1_ece(scores: list[float], correct: list[bool]) -> float:
     return expected_calibration_error(probs, labels)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two cores shared by many processes: OpenMP threads spinning against each other make a tiny run 20x slower.
-    # One thread is also what makes the run below repeat bit for bit.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory) -> Path:

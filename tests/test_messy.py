@@ -25,13 +25,6 @@ FAST = ["--weights", "none", "--img-size", "16", "--batch-size", "16", "--worker
 CLUTTER_MARKS = (".DS_Store", "Thumbs.db", "._IMG", "__MACOSX")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Six developers share two cores here; two intra-op threads then spend most of their time waiting for each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- the whole flow, as a new user would run it ------------------------------------------------------------------

@@ -16,12 +16,6 @@ from rescli.errors import RescliError, UsageError
 from rescli.train import Plan, resolve_strategy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _randomised_resnet18_state(seed: int = 1) -> dict[str, torch.Tensor]:

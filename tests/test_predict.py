@@ -10,7 +10,6 @@ import queue
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -159,8 +158,14 @@ def test_fields_choose_and_order_columns(cli, model, images, tmp_path):
 
 
 def test_threshold_labels_unknown(cli, model, images):
-    rows = jsonl(predict(cli, model, str(images), "-f", "jsonl", "--threshold", "1.0").out)
-    assert {r["label"] for r in rows} == {"unknown"} and all(r["score"] < 1.0 for r in rows)
+    base = jsonl(predict(cli, model, str(images), "-f", "jsonl").out)
+    scores = sorted(r["score"] for r in base)
+    assert scores[0] < scores[-1]
+    p = (scores[0] + scores[-1]) / 2  # some inputs on each side, none near the boundary
+    rows = jsonl(predict(cli, model, str(images), "-f", "jsonl", "--threshold", str(p)).out)
+    assert [r["score"] for r in rows] == [b["score"] for b in base]  # scores still shown
+    assert [r["label"] for r in rows] == ["unknown" if b["score"] < p else b["label"] for b in base]
+    assert {"unknown"} < {r["label"] for r in rows}
 
 
 # --- errors per input, usage errors, exit statuses --------------------------------------------------------------

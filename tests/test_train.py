@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import make_class_folder, write_color_images
 from rescli import models, train
@@ -36,14 +35,6 @@ STRAIGHT = dict(epochs=3, precision="bf16", augment="light")
 STEPS_PER_EPOCH = 4  # 3 classes x 6 images -> 15 train (4 batches of 4) / 3 val
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions gain nothing from a second thread, and on a shared machine OpenMP threads
-    # that wait for each other make every step many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
