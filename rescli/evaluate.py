@@ -59,11 +59,17 @@ def run_eval(logits_fn: Callable[[torch.Tensor], torch.Tensor], loader) -> EvalR
             labels_all.append(batch.labels)
             idx_all.append(batch.indices)
     if not logits_all:
+        return eval_result(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), [], failures)
+    order = torch.cat(idx_all).tolist()
+    return eval_result(torch.cat(logits_all), torch.cat(labels_all), [samples[i][0] for i in order], failures)
+
+
+def eval_result(logits: torch.Tensor, labels: torch.Tensor, paths: list[str], failures: list[tuple[str, str]]) -> EvalResult:
+    """Loss, accuracy and predictions from CPU logits [N, C] and labels [N] (N may be 0: NaN loss and accuracy)."""
+    if not len(labels):
         empty = np.zeros(0, dtype=np.int64)
         return EvalResult(float("nan"), float("nan"), empty, empty, np.zeros((0, 0), np.float32), [], failures)
-    logits = torch.cat(logits_all).float()
-    labels = torch.cat(labels_all)
-    order = torch.cat(idx_all).tolist()
+    logits = logits.float()
     pred = logits.argmax(1)
     return EvalResult(
         loss=float(F.cross_entropy(logits, labels)),
@@ -71,7 +77,7 @@ def run_eval(logits_fn: Callable[[torch.Tensor], torch.Tensor], loader) -> EvalR
         y_true=labels.numpy(),
         y_pred=pred.numpy(),
         logits=logits.numpy(),
-        paths=[samples[i][0] for i in order],
+        paths=paths,
         failures=failures,
     )
 

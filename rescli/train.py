@@ -29,7 +29,7 @@ from rescli import console, data, distributed, models
 from rescli.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from rescli.fileio import atomic_write_json, atomic_write_text
 from rescli.errors import RescliError, UsageError
-from rescli.evaluate import EvalResult, run_eval, write_evaluation
+from rescli.evaluate import EvalResult, eval_result, run_eval, write_evaluation
 from rescli.predict import torch_logits_fn
 from rescli.runtime import Runtime, default_workers, resolve_device, select_runtime
 
@@ -393,17 +393,8 @@ def _gather_features(ctx: distributed.DistContext, fs: FeatureSet, device: torch
 def _eval_features(head: nn.Module, fs: FeatureSet, samples, *, runtime: Runtime) -> EvalResult:
     with torch.inference_mode(), runtime.autocast():
         logits = head(fs.features).float()
-    logits = logits.cpu()
-    labels = fs.labels.cpu()
-    pred = logits.argmax(1)
-    return EvalResult(
-        loss=float(nn.functional.cross_entropy(logits, labels)),
-        accuracy=float((pred == labels).float().mean()),
-        y_true=labels.numpy(),
-        y_pred=pred.numpy(),
-        logits=logits.numpy(),
-        paths=[samples[i][0] for i in fs.indices],
-        failures=[(samples[i][0], msg) for i, msg in fs.failures],
+    return eval_result(
+        logits.cpu(), fs.labels.cpu(), [samples[i][0] for i in fs.indices], [(samples[i][0], msg) for i, msg in fs.failures]
     )
 
 
@@ -433,19 +424,8 @@ def _gather_eval(ctx: distributed.DistContext, ev: EvalResult, samples, *, n_cla
     )
     paths = [samples[i][0] for i in idx]
     if not len(idx):
-        empty = np.zeros(0, dtype=np.int64)
-        return EvalResult(float("nan"), float("nan"), empty, empty, np.zeros((0, 0), np.float32), [], failures)
-    logits_t, labels = torch.from_numpy(got["logits"]), torch.from_numpy(got["y_true"])
-    pred = logits_t.argmax(1)
-    return EvalResult(
-        loss=float(nn.functional.cross_entropy(logits_t, labels)),
-        accuracy=float((pred == labels).float().mean()),
-        y_true=labels.numpy(),
-        y_pred=pred.numpy(),
-        logits=got["logits"],
-        paths=paths,
-        failures=failures,
-    )
+        return eval_result(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), [], failures)
+    return eval_result(torch.from_numpy(got["logits"]), torch.from_numpy(got["y_true"]), paths, failures)
 
 
 def finetune(

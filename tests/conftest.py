@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rescli.train import StopFlag
+
 sys.path.insert(0, str(Path(__file__).parent))  # so tests can `from hostile import ...`
 
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
@@ -123,3 +125,17 @@ def trained_run(tmp_path_factory) -> Path:
                       "--workers", "0", "--output", root / "run", "--augment", "none")
     assert res.code == 0, res.err
     return root / "run"
+
+
+class StopAfter(StopFlag):
+    """Acts like a Ctrl-C arriving during optimiser step number ``n`` (counted from this call's first step)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.steps = n, 0
+
+    def check(self) -> bool:
+        self.steps += 1
+        if self.steps >= self.n and self.signal_name is None:
+            self.signal_name = "SIGINT"
+        return bool(self)

@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 
 import dist_worker
-from conftest import COLORS, write_color_images
+from conftest import COLORS, StopAfter, write_color_images
 from rescli import distributed
 from rescli.checkpoint import load_checkpoint
 from rescli.distributed import DistContext, rank_batches, shard
 from rescli.errors import UsageError
 from rescli.evaluate import evaluate_folder
-from rescli.train import Interrupted, StopFlag, TrainSettings, finetune
+from rescli.train import Interrupted, TrainSettings, finetune
 
 TINY = ["--arch", "resnet20", "--weights", "none", "--img-size", "16", "--workers", "0", "--precision", "fp32", "--augment", "none"]
 TRAIN, VAL = {"red": 9, "green": 9, "blue": 9}, {"red": 3, "green": 2, "blue": 2}
@@ -217,20 +217,6 @@ def test_nproc_matches_a_single_process_run_and_a_single_process_resumes_it(cli,
     again = run([sys.executable, "-m", "rescli", "finetune", *map(str, args), "--output", tmp_path / "dist", "--nproc", "2"], tmp_path)
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert again.stderr.count("already holds a run") == 1  # rank 0 says it; rank 1 stays quiet
-
-
-class StopAfter(StopFlag):
-    """A Ctrl-C arriving during optimiser step ``n``."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n, self.steps = n, 0
-
-    def check(self) -> bool:
-        self.steps += 1
-        if self.steps >= self.n and self.signal_name is None:
-            self.signal_name = "SIGINT"
-        return bool(self)
 
 
 def test_distributed_run_resumes_a_single_process_run_mid_epoch(odd_data, tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_class_folder, write_color_images
+from conftest import StopAfter, make_class_folder, write_color_images
 from rescli import models, train
 from rescli.checkpoint import load_checkpoint
 from rescli.errors import RescliError
@@ -84,20 +84,6 @@ def history_rows(run: Path) -> list[dict[str, str]]:
 
 def without_seconds(rows):
     return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]
-
-
-class StopAfter(StopFlag):
-    """Acts like a Ctrl-C arriving during optimiser step number ``n`` (counted from this call's first step)."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n, self.steps = n, 0
-
-    def check(self) -> bool:
-        self.steps += 1
-        if self.steps >= self.n and self.signal_name is None:
-            self.signal_name = "SIGINT"
-        return bool(self)
 
 
 # --- strategies ------------------------------------------------------------------------------------------
