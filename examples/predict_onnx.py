@@ -48,20 +48,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def preprocess(path: str, size: int, mean, std) -> np.ndarray:
-    """Resize the shorter side to `size` (bilinear), center-crop size x size, scale to [0,1], normalise: CHW float32."""
+    """The central square, resized to size x size (bilinear), scaled to [0,1] and normalised: CHW float32."""
     with Image.open(path) as img:
         if img.format == "JPEG":
             img.draft("RGB", (size, size))  # decode at a reduced scale when the photo is much larger
         img = to_rgb(img)
     w, h = img.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.BILINEAR)
-    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size))
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
     x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
     return (x - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
@@ -352,7 +353,7 @@ def build_transform(*, img_size: int, train: bool, augment: str = "light") -> Ca
     if augment not in AUGMENTS:
         raise UsageError(f"--augment {augment!r}: expected one of {', '.join(AUGMENTS)}")
     if not train or augment == "none":
-        steps: list[Any] = [T.Resize(img_size, antialias=True), T.CenterCrop(img_size)]
+        steps: list[Any] = [CenterSquare(img_size)]
     elif augment == "light":
         # Mild crops: short runs on small folders learn faster than with ImageNet's 0.08-1.0 range.
         steps = [T.RandomResizedCrop(img_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True), T.RandomHorizontalFlip()]
@@ -366,26 +367,130 @@ def build_transform(*, img_size: int, train: bool, augment: str = "light") -> Ca
     return T.Compose(steps)
 
 
+class CenterSquare:
+    """The central square of a PIL image, resized to size x size (bilinear, antialiased), in one Pillow call.
+
+    What Resize(size) + CenterCrop(size) give, up to the crop's rounding to whole pixels, without resizing
+    the strips the crop would throw away (a quarter of a 4:3 photo): 0.98 -> 0.76 ms for a 500x375 JPEG,
+    a tenth of the per-image CPU that prediction spends besides the model.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        side = min(w, h)
+        left, top = (w - side) / 2, (h - side) / 2
+        return img.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + side, top + side))
+
+    def __repr__(self) -> str:
+        return f"CenterSquare({self.size})"
+
+
+def center_square_tensor(image: torch.Tensor, size: int) -> torch.Tensor:
+    """CenterSquare for a uint8 [3, H, W] tensor on any device (JPEGs decoded on the GPU): the crop is rounded
+    to whole pixels, so the result can differ from Pillow's by a sub-pixel shift."""
+    _, h, w = image.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = image[:, top:top + side, left:left + side]
+    if side == size:
+        return square.contiguous()
+    resized = torch.nn.functional.interpolate(square[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
 def draft_size_for(img_size: int, *, train: bool) -> int:
     # Random crops may zoom in ~1.7x; decode JPEGs at no less than that so crops are not upsampled.
     return img_size * 2 if train else img_size
 
 
+class DecodedCache:
+    """Transformed uint8 images kept in memory from their first load on, for transforms without randomness.
+
+    Validation passes, and training with --augment none, turn each file into the same pixels every epoch;
+    keeping them lets every epoch after the first skip reading, decoding and resizing (~2 ms a 500x375
+    JPEG, a tenth of a bf16 resnet18 training step per image on 2 cores). Slots are in shared memory when
+    decode worker processes fill them, so the main process, every worker and later epochs see them. Holds
+    the first ``capacity`` images by index; the others are decoded each time.
+    """
+
+    def __init__(self, n: int, img_size: int, *, budget_bytes: int, shared: bool) -> None:
+        per_image = 3 * img_size * img_size
+        self.capacity = max(0, min(n, budget_bytes // per_image))
+        self.images = torch.empty((self.capacity, 3, img_size, img_size), dtype=torch.uint8)  # pages are touched as slots fill
+        self.filled = torch.zeros(self.capacity, dtype=torch.bool)
+        if shared and self.capacity:
+            self.images.share_memory_()
+            self.filled.share_memory_()
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel()
+
+    def get(self, i: int) -> torch.Tensor | None:
+        return self.images[i] if i < self.capacity and bool(self.filled[i]) else None
+
+    def put(self, i: int, image: torch.Tensor) -> None:
+        if i < self.capacity and image.shape == self.images.shape[1:]:
+            self.images[i].copy_(image)
+            self.filled[i] = True
+
+
+def image_cache_budget(*, shared: bool) -> int:
+    """Bytes the decoded-image caches of one run may use: a quarter of the available RAM (and, for
+    caches shared with worker processes, at most half of what /dev/shm has free, where they live)."""
+    budget = _available_ram() // 4
+    if shared:
+        try:
+            st = os.statvfs("/dev/shm")
+        except OSError:
+            return 0
+        budget = min(budget, st.f_bavail * st.f_frsize // 2)
+    return max(0, budget)
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 class ImageSamples(Dataset):
     """(path, label) pairs -> (uint8 image, label, index); a file that fails to load yields its error instead."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, *, draft_size: int | None = None) -> None:
+    def __init__(
+        self, samples: Sequence[tuple[str, int]], transform: Callable, *, draft_size: int | None = None,
+        cache: DecodedCache | None = None,
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.draft_size = draft_size
+        self.cache = cache  # only for transforms that give the same pixels every time
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
+        if self.cache is not None:
+            cached = self.cache.get(i)
+            if cached is not None:
+                return cached, label, i, None
         try:
-            return self.transform(load_rgb(path, draft_size=self.draft_size)), label, i, None
+            image = self.transform(load_rgb(path, draft_size=self.draft_size))
+            if self.cache is not None:
+                self.cache.put(i, image)
+            return image, label, i, None
         except RescliError as exc:
             return None, label, i, exc.message
         except Exception as exc:  # a transform failing on an odd image must not kill an epoch
@@ -468,7 +573,7 @@ def to_model_input(
     x = images.to(device, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    x = x.float().div_(255.0)
-    m = torch.tensor(mean, device=device, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device, dtype=x.dtype).view(1, 3, 1, 1)
-    return x.sub_(m).div_(s)
+    # (x/255 - mean)/std as one multiply and one add, in place (keeps channels_last): 3 passes over the batch, not 4.
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, 3, 1, 1)
+    return x.float().mul_(scale).add_(shift)

@@ -45,7 +45,7 @@ def export_metadata(ckpt: dict[str, Any], *, source: str | None = None) -> dict[
         "std": ckpt["std"],
         "temperature": ckpt.get("temperature", 1.0),
         "input": "float32 NCHW RGB, scaled to [0,1] then (x - mean) / std",
-        "preprocess": "RGB (EXIF-upright, transparency on white); resize shorter side to img_size (bilinear); center crop img_size x img_size",
+        "preprocess": "RGB (EXIF-upright, transparency on white); central square (side = the shorter side) resized to img_size x img_size (bilinear, antialiased)",
         "output": "logits; softmax(logits / temperature) gives calibrated probabilities",
         "metrics": headline,
         "versions": versions(),
@@ -209,7 +209,7 @@ def load_torchscript_predictor(path: str | os.PathLike, *, device: str = "auto",
         classes=meta["classes"], img_size=int(meta["img_size"]), mean=meta["mean"], std=meta["std"],
         temperature=float(meta.get("temperature", 1.0)),
         logits_fn=torch_logits_fn(module, runtime=runtime, mean=meta["mean"], std=meta["std"]),
-        kind="torchscript", meta=meta,
+        kind="torchscript", meta=meta, device=runtime.device,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -314,6 +315,33 @@ def load_rgb(path: str | os.PathLike, *, draft_size: int | None = None) -> Image
     """
     with _open_file(path) as f:
         return _decode(f, _name(path), draft_size)
+
+
+def plain_jpeg_bytes(path: str | os.PathLike) -> bytearray | None:
+    """The file's bytes if it is a JPEG that any decoder turns into what load_rgb gives: 8-bit RGB or grey,
+    upright (no EXIF rotation to apply), within the pixel limit. None for anything else, and for files that
+    cannot be read: load_rgb then decodes those, or names what is wrong with them."""
+    try:
+        with open(path, "rb") as f:
+            raw = bytearray(os.fstat(f.fileno()).st_size)
+            if f.readinto(raw) != len(raw):
+                return None
+    except OSError:
+        return None
+    # A stream that does not end in the end-of-image marker may be truncated; GPU decoders can fill in the missing part
+    # without a word, where Pillow stops. Such files (and those with bytes after the marker) go to Pillow.
+    if not raw.startswith(b"\xff\xd8\xff") or not raw.endswith(b"\xff\xd9"):
+        return None
+    try:
+        with Image.open(io.BytesIO(raw), formats=["JPEG"]) as img:  # the header only: no pixels are decoded here
+            width, height = img.size
+            if img.mode not in ("RGB", "L") or (Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS):
+                return None
+            if int(img.getexif().get(_EXIF_ORIENTATION, 1)) not in (0, 1):
+                return None
+    except Exception:
+        return None
+    return raw
 
 
 # --- checks -----------------------------------------------------------------------------------------------------

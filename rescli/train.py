@@ -74,6 +74,7 @@ class TrainSettings:
     mixup: float = 0.0  # Beta(alpha, alpha) mixing of image pairs; 0 = off
     cutmix: float = 0.0  # alpha of CutMix boxes; 0 = off (both on: one or the other per batch)
     cache_features: bool = True  # head strategy without augmentation: train the head on cached backbone features
+    cache_images: bool = True  # keep decoded validation images (and training ones with --augment none) in RAM after epoch 1
     sync_bn: bool = False  # distributed runs on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
 
 
@@ -81,6 +82,29 @@ def settings_from_dict(d: dict[str, Any]) -> TrainSettings:
     """Settings stored in a checkpoint -> TrainSettings; keys added for information (or by newer versions) are ignored."""
     known = {f.name for f in fields(TrainSettings)}
     return TrainSettings(**{k: v for k, v in d.items() if k in known})
+
+
+def _attach_image_caches(
+    settings: TrainSettings, *, train_ds: data.ImageSamples, val_ds: data.ImageSamples, workers: int, processes: int,
+    epochs_left: int, features_cached: bool,
+) -> dict[str, int]:
+    """Decoded-image caches for the datasets whose pixels repeat every epoch; returns how many images each holds.
+
+    Validation always repeats; training only without augmentation (mixup and cutmix act on batches, later).
+    Nothing to gain with a single epoch left, or when the backbone's features are cached instead.
+    """
+    if not settings.cache_images or epochs_left < 2 or features_cached:
+        return {}
+    shared = workers > 0  # worker processes fill the slots: they must see the same memory as the main process
+    budget = data.image_cache_budget(shared=shared) // max(1, processes)
+    held = {}
+    for name, ds in (("val", val_ds), ("train", train_ds)):  # validation first: it is smaller and always repeats
+        if name == "train" and settings.augment != "none":
+            continue
+        ds.cache = data.DecodedCache(len(ds), settings.img_size, budget_bytes=budget, shared=shared)
+        budget -= ds.cache.nbytes
+        held[name] = ds.cache.capacity
+    return held
 
 
 # --- run folders -----------------------------------------------------------------------------------
@@ -635,6 +659,11 @@ def _finetune(
         if start_epoch >= settings.epochs:
             raise UsageError(f"{run_dir} already trained {start_epoch} epochs; pass --epochs N with N > {start_epoch} to continue")
 
+    image_cache = _attach_image_caches(
+        settings, train_ds=train_ds, val_ds=val_ds, workers=workers, processes=ctx.world_size if ctx.enabled else 1,
+        epochs_left=settings.epochs - start_epoch, features_cached=use_cache,
+    )
+
     base = dict(
         arch=settings.arch,
         arch_kwargs=settings.arch_kwargs,
@@ -661,6 +690,8 @@ def _finetune(
     }
     if lr_find_info is not None:
         run_info["lr_find"] = lr_find_info
+    if image_cache:
+        run_info["image_cache"] = image_cache
     if use_cache:
         run_info["feature_cache"] = {"seconds": round(cache_seconds, 3), "train": n_train, "val": len(val_feats.indices)}
     if ctx.enabled:
