@@ -208,3 +208,22 @@ def test_torchvision_jpeg_decoder_is_refused_for_onnx_models(tmp_path, cli, trai
     assert cli("export", trained_run, "--format", "onnx", "-o", onnx_path).code == 0
     res = cli("predict", tmp_path, "--model", onnx_path, "--jpeg-decoder", "torchvision")
     assert res.code == 2 and "--jpeg-decoder torchvision" in res.err
+
+
+def test_bench_script_runs_every_phase_and_prints_the_ratios(tmp_path):
+    """bench/bench.py is a script, not a test; this only keeps it working (tiny images, one step, one round)."""
+    bench = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
+    phases = "model_train,model_infer,finetune,predict,predict_x4,baseline"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(bench), "--img-size", "32", "--images", "24", "--batch", "4", "--steps", "1", "--warmup", "1",
+         "--repeat", "1", "--phases", phases, "--json"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    for phase in phases.split(","):
+        assert report["results"][phase].get("images_per_s", 0) > 0, (phase, report["results"][phase])
+    assert report["results"]["predict"]["images"] == 24 and report["results"]["predict_x4"]["images"] == 96
+    assert {"finetune / baseline (target >= 3.0)", "finetune / model_train (target >= 0.85)",
+            "predict / model_infer (target >= 0.80)"} <= set(report["ratios"])
