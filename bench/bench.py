@@ -14,6 +14,7 @@ Phases (each in its own child process, so peak memory is per phase):
   predict_x4     the same over 4x as many inputs: peak memory must not grow with the input count
   baseline       a plain fp32 torchvision loop on the same files (ImageFolder, ToTensor, NCHW, fp32)
   head_cached    --strategy head --augment none on cached backbone features vs the same run without the cache
+With --compile, the model-only bounds, finetune and predict all use torch.compile (the baseline stays plain).
 This is a script, not a test: it prints figures; nothing asserts a wall-clock time.
 """
 
@@ -77,6 +78,7 @@ def phase_model(args, *, train: bool) -> dict:
 
     rt = select_runtime(device=args.device, precision=args.precision)
     model = create_model(f"resnet{args.depth}", 1000).to(rt.device, memory_format=rt.memory_format)
+    net = torch.compile(model) if args.compile else model  # compiled during the warm-up steps
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=rt.device).contiguous(memory_format=rt.memory_format)
     y = torch.randint(0, 1000, (args.batch,), device=rt.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as finetune's
@@ -85,13 +87,13 @@ def phase_model(args, *, train: bool) -> dict:
     def step():
         if train:
             with rt.autocast():
-                loss = loss_fn(model(x).float(), y)
+                loss = loss_fn(net(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         else:
             with torch.inference_mode(), rt.autocast():
-                model(x)
+                net(x)
 
     model.train(train)
     for _ in range(args.warmup):
@@ -114,7 +116,7 @@ def phase_finetune(args) -> dict:
     settings = TrainSettings(
         data_dir=args.data, arch=f"resnet{args.depth}", weights="none", strategy="full", epochs=3,
         batch_size=args.batch, img_size=args.img_size, val_split=0.05, workers=args.workers,
-        device=args.device, precision=args.precision, augment=args.augment,
+        device=args.device, precision=args.precision, augment=args.augment, compile=args.compile,
     )
     result = finetune(settings=settings, output=out / "run", show_progress=False)
     n_train = _count(out / "run")
@@ -140,7 +142,7 @@ def phase_predict(args, *, repeat: int = 1) -> dict:
     save_checkpoint(make_checkpoint(model_state=model.state_dict(), arch=f"resnet{args.depth}",
                                     classes=[f"class{i}" for i in range(4)], img_size=args.img_size,
                                     mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]), ckpt_path)
-    predictor = load_predictor(ckpt_path, device=args.device, precision=args.precision)
+    predictor = load_predictor(ckpt_path, device=args.device, precision=args.precision, compile=args.compile)
     paths = list(iter_input_paths([args.data]))
     # Warm-up batch (thread pool, allocator, oneDNN kernels) is not timed.
     list(predict_stream(paths[: args.batch], predictor=predictor, batch_size=args.batch, workers=args.workers or 2))
@@ -242,6 +244,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
     p.add_argument("--augment", default="none", help="finetune's --augment (none is its default)")
+    p.add_argument("--compile", action="store_true", help="torch.compile in every rescli phase and model-only bound")
     p.add_argument("--phases", default=",".join(k for k in PHASES if k != "head_cached"))
     p.add_argument("--repeat", type=int, default=3,
                    help="rounds over all phases; each phase reports its median round (shared machines vary by 10%% run to run)")

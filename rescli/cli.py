@@ -445,6 +445,7 @@ def predict(
     workers: int = typer.Option(2, "--workers", help="Decode threads."),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("auto", "--precision"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model first (~10-15 s, ~2 s once cached): ~1.7x faster inference on a CPU, worth it from a few thousand images. Checkpoints only."),
     jpeg_decoder: JpegDecoder = typer.Option(JpegDecoder.auto, "--jpeg-decoder", help="auto: torchvision (nvJPEG) on the model's GPU when it can, else Pillow; pillow; torchvision: on the model's device, GPU or CPU. Other formats always go through Pillow."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Nothing on stderr except errors."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress counter on stderr (it only shows when stderr is a terminal)."),
@@ -466,7 +467,7 @@ def predict(
         raise RescliError("--threshold is a probability: give a number between 0 and 1", exit_code=2)
     check_inputs(inputs)
     path, how = resolve_model_path(model)
-    predictor = load_predictor(path, device=device, precision=precision)
+    predictor = load_predictor(path, device=device, precision=precision, compile=compile)
     jpeg_device = _jpeg_device(jpeg_decoder, predictor)
     if not quiet:
         console.info(f"model: {path} ({how}; {predictor.kind}, {len(predictor.classes)} classes)")

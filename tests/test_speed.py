@@ -227,3 +227,50 @@ def test_bench_script_runs_every_phase_and_prints_the_ratios(tmp_path):
     assert report["results"]["predict"]["images"] == 24 and report["results"]["predict_x4"]["images"] == 96
     assert {"finetune / baseline (target >= 3.0)", "finetune / model_train (target >= 0.85)",
             "predict / model_infer (target >= 0.80)"} <= set(report["ratios"])
+
+
+def test_predict_compile_gives_the_eager_labels_and_pads_partial_batches(trained_run, class_folder, cli, monkeypatch):
+    from rescli import predict as predict_mod
+
+    shapes = []
+    real_init = predict_mod.CompiledForward.__init__
+
+    def watching_init(self, model):
+        real_init(self, model)
+        compiled = self.compiled
+        self.compiled = lambda x: shapes.append(tuple(x.shape)) or compiled(x)
+
+    monkeypatch.setattr(predict_mod.CompiledForward, "__init__", watching_init)
+    rows = {}
+    for extra in ([], ["--compile"]):
+        res = cli("predict", class_folder, "--model", trained_run, "--format", "jsonl", "--batch-size", "8",
+                  "--precision", "fp32", *extra)
+        assert res.code == 0, res.err
+        rows[bool(extra)] = [json.loads(line) for line in res.out.splitlines()]
+    n = len(rows[False])
+    assert n % 8 and shapes and all(s[0] == 8 for s in shapes)  # the last, partial batch was padded: one shape, one compile
+    assert len(shapes) == -(-n // 8)
+    assert [r["label"] for r in rows[True]] == [r["label"] for r in rows[False]]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(rows[True], rows[False])) < 1e-3
+
+
+def test_predict_compile_falls_back_to_eager_when_compiling_fails(trained_run, class_folder, cli, monkeypatch):
+    from rescli import predict as predict_mod
+
+    def failing_compile(model, **kwargs):
+        def compiled(x):
+            raise RuntimeError("no C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(predict_mod.torch, "compile", failing_compile)
+    res = cli("predict", class_folder, "--model", trained_run, "--format", "jsonl", "--compile")
+    assert res.code == 0, res.err
+    assert res.err.count("--compile: torch.compile failed (RuntimeError: no C++ compiler found); running the model uncompiled") == 1
+    assert all("label" in json.loads(line) for line in res.out.splitlines())
+
+
+def test_compile_is_refused_for_exports(trained_run, tmp_path, cli):
+    ts = tmp_path / "m.ts"
+    assert cli("export", trained_run, "--format", "torchscript", "-o", ts).code == 0
+    res = cli("predict", tmp_path, "--model", ts, "--compile")
+    assert res.code == 2 and "--compile is for checkpoints" in res.err
