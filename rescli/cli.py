@@ -330,6 +330,7 @@ def evaluate(
     workers: Optional[int] = typer.Option(None, "--workers"),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("auto", "--precision"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model first (~10-15 s, ~2 s once cached): ~1.5x faster inference on a CPU, for large folders. Checkpoints only."),
     fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="table for people, json for programs."),
 ) -> None:
     """Score MODEL on labelled images: accuracy, per-class P/R/F1, confusion matrix, mistakes, calibration (ECE)."""
@@ -339,7 +340,7 @@ def evaluate(
     model, _ = resolve_model_path(model)
     metrics, ev, out_dir = evaluate_folder(
         model=model, data_dir=data_dir, split=split, output=output, raw_scores=raw_scores, write_files=not no_files,
-        batch_size=batch_size, workers=workers, device=device, precision=precision,
+        batch_size=batch_size, workers=workers, device=device, precision=precision, compile=compile,
     )
     for item in metrics["skipped"]:
         console.warn(f"skipped {item['error']}")

@@ -248,6 +248,7 @@ def evaluate_folder(
     workers: int | None = None,
     device: str = "auto",
     precision: str = "auto",
+    compile: bool = False,
     write_files: bool = True,
 ) -> tuple[dict[str, Any], EvalResult, Path | None]:
     """Metrics of ``model`` (checkpoint or export) on a class folder or one split of a split root.
@@ -259,7 +260,7 @@ def evaluate_folder(
     from rescli.predict import load_predictor
 
     model = Path(model)
-    predictor = load_predictor(model, device=device, precision=precision)
+    predictor = load_predictor(model, device=device, precision=precision, compile=compile)
     settings = predictor.meta.get("settings", {})
     samples, index = data.eval_samples(
         data_dir, classes=predictor.classes, split=split,

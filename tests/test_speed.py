@@ -274,3 +274,13 @@ def test_compile_is_refused_for_exports(trained_run, tmp_path, cli):
     assert cli("export", trained_run, "--format", "torchscript", "-o", ts).code == 0
     res = cli("predict", tmp_path, "--model", ts, "--compile")
     assert res.code == 2 and "--compile is for checkpoints" in res.err
+
+
+def test_evaluate_compile_gives_the_eager_metrics(trained_run, class_folder, cli):
+    results = []
+    for extra in ([], ["--compile"]):
+        res = cli("evaluate", trained_run, class_folder, "--format", "json", "--no-files", "--precision", "fp32", *extra)
+        assert res.code == 0, res.err
+        results.append(json.loads(res.out))
+    assert results[0]["accuracy"] == results[1]["accuracy"]
+    assert abs(results[0]["log_loss"] - results[1]["log_loss"]) < 1e-3
