@@ -446,7 +446,7 @@ def predict(
     workers: int = typer.Option(2, "--workers", help="Decode threads."),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("auto", "--precision"),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model first (~10-15 s, ~2 s once cached): ~1.7x faster inference on a CPU, worth it from a few thousand images. Checkpoints only."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model first (~10-15 s, ~2 s once cached): ~1.4-1.5x faster prediction on a CPU, worth it from a few thousand images. Checkpoints only."),
     jpeg_decoder: JpegDecoder = typer.Option(JpegDecoder.auto, "--jpeg-decoder", help="auto: torchvision (nvJPEG) on the model's GPU when it can, else Pillow; pillow; torchvision: on the model's device, GPU or CPU. Other formats always go through Pillow."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Nothing on stderr except errors."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress counter on stderr (it only shows when stderr is a terminal)."),

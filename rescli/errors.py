@@ -17,3 +17,10 @@ class UsageError(RescliError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, exit_code=2)
+
+
+def first_line(exc: BaseException, limit: int | None = 160) -> str:
+    """A third-party exception as a fragment of a one-line message: its first line, cut at ``limit``, or its
+    type name when it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

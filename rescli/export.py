@@ -23,7 +23,7 @@ import torch
 from rescli import data
 from rescli.checkpoint import load_checkpoint, versions
 from rescli.fileio import atomic_write_bytes
-from rescli.errors import RescliError, UsageError
+from rescli.errors import RescliError, UsageError, first_line
 
 FORMATS = ("torchscript", "onnx")
 SUFFIXES = {"torchscript": ".ts", "onnx": ".onnx"}
@@ -203,7 +203,7 @@ def load_torchscript_predictor(path: str | os.PathLike, *, device: str = "auto",
             warnings.simplefilter("ignore", FutureWarning)
             module = torch.jit.load(str(path), map_location=runtime.device, _extra_files=extra)
     except Exception as exc:
-        raise RescliError(f"{path}: not a readable TorchScript file ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
+        raise RescliError(f"{path}: not a readable TorchScript file ({first_line(exc)})") from None
     meta = _meta_from(extra[META_KEY], path)
     return Predictor(
         classes=meta["classes"], img_size=int(meta["img_size"]), mean=meta["mean"], std=meta["std"],
@@ -232,7 +232,7 @@ def load_onnx_predictor(path: str | os.PathLike):
     try:
         session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
     except Exception as exc:
-        raise RescliError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:160]})") from None
+        raise RescliError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
     meta = _meta_from(session.get_modelmeta().custom_metadata_map.get(META_KEY, ""), path)
     input_name = session.get_inputs()[0].name
 
@@ -261,7 +261,7 @@ def describe_export(path: str | os.PathLike) -> dict[str, Any]:
                 warnings.simplefilter("ignore", FutureWarning)
                 module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except Exception as exc:
-            raise RescliError(f"{path}: not a readable TorchScript file ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
+            raise RescliError(f"{path}: not a readable TorchScript file ({first_line(exc)})") from None
         meta = _meta_from(extra[META_KEY], path)
         params = sum(int(p.numel()) for p in module.parameters())
     elif kind == "onnx":
@@ -273,7 +273,7 @@ def describe_export(path: str | os.PathLike) -> dict[str, Any]:
         try:
             proto = onnx.load(str(path))
         except Exception as exc:
-            raise RescliError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
+            raise RescliError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
         props = {p.key: p.value for p in proto.metadata_props}
         meta = _meta_from(props.get(META_KEY, ""), path)
         params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)

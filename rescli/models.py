@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from rescli.errors import RescliError, UsageError
+from rescli.errors import RescliError, UsageError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -191,7 +191,7 @@ def _load_weights_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RescliError(f"--weights {path}: not a readable weights file ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
+        raise RescliError(f"--weights {path}: not a readable weights file ({first_line(exc)})") from None
 
 
 def _state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -266,7 +266,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise RescliError(f"checkpoint weights do not match its architecture {ckpt['arch']}: {str(exc).splitlines()[0]}") from None
+        raise RescliError(f"checkpoint weights do not match its architecture {ckpt['arch']}: {first_line(exc, None)}") from None
     return model.eval()
 
 

@@ -26,7 +26,7 @@ import torch
 
 from rescli import console, data
 from rescli.checkpoint import load_checkpoint
-from rescli.errors import RescliError, UsageError
+from rescli.errors import RescliError, UsageError, first_line
 from rescli.images import ImageError, is_clutter, is_hidden, load_rgb, looks_like_image, plain_jpeg_bytes
 from rescli.runtime import Runtime, select_runtime
 
@@ -155,7 +155,7 @@ class CompiledForward:
             return self.compiled(x)[:n]
         except Exception as exc:
             self.failed = True
-            console.warn(f"--compile: torch.compile failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); running the model uncompiled")
+            console.warn(f"--compile: torch.compile failed ({type(exc).__name__}: {first_line(exc, 200)}); running the model uncompiled")
             return self.model(x[:n])
 
 
