@@ -121,6 +121,7 @@ Examples:
     torchrun --nproc-per-node 4 -m rescli finetune ./images --batch-size 256   # the same, started by hand
 """)
 def finetune(
+    ctx: typer.Context,
     data_dir: Optional[Path] = typer.Argument(None, help="Folder with one sub-folder per class, or train/ + val/ (+ test/) split folders."),
     depth: Optional[int] = typer.Option(None, "--depth", help="torchvision ResNet depth: 18, 34, 50, 101 or 152 [default: 18]."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture by name (overrides --depth), e.g. resnext50_32x4d, resnet20, plain56."),
@@ -161,7 +162,7 @@ def finetune(
     if gpus is not None and (gpus > 1 or distributed.launched_by_torchrun()):
         if resume is None:
             distributed.check_batch_size(batch_size, gpus)
-        raise typer.Exit(distributed.launch(gpus, distributed.strip_launch_option(sys.argv[1:])))
+        raise QuietExit(distributed.launch(gpus, distributed.strip_launch_option(sys.argv[1:])))  # the processes said why
     if gpus is not None and gpus < 1:
         raise RescliError("--gpus/--nproc must be at least 1", exit_code=2)
     if resume is None:
@@ -178,6 +179,12 @@ def finetune(
         )
         result = run_finetune(settings=settings, output=output)
     else:
+        ignored = _given_options(ctx, keep=("resume", "epochs", "fmt", "gpus"))
+        if ignored:
+            console.warn(
+                f"--resume continues the run with its own settings; ignoring {', '.join(ignored)} "
+                "(only --epochs changes a resumed run)"
+            )
         result = run_finetune(resume=resume, epochs=epochs)
     if not distributed.is_main_process():  # torchrun's other processes: rank 0 prints the one summary
         return
@@ -209,6 +216,18 @@ def finetune(
     if m.get("per_class"):
         _print_class_tables(m)
     console.info(f"next: rescli evaluate {summary['best_checkpoint']} DATA_DIR  ·  rescli predict IMAGES --model {summary['best_checkpoint']}")
+
+
+def _given_options(ctx: typer.Context, *, keep: tuple[str, ...]) -> list[str]:
+    """The options and arguments the user typed (not defaults), as spelled on the command line, except ``keep``."""
+    given = []
+    for param in ctx.command.params:
+        if param.name in keep or param.name is None:
+            continue
+        source = ctx.get_parameter_source(param.name)  # Typer vendors click: its ParameterSource, told by name
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given.append(param.opts[0] if param.opts and param.opts[0].startswith("-") else param.human_readable_name)
+    return given
 
 
 # --- lr-find ---------------------------------------------------------------------------------------------
@@ -322,7 +341,7 @@ the model (fitted by finetune on its validation split) unless --raw-scores.
 def evaluate(
     model: Path = typer.Argument(..., help="A rescli checkpoint (.pt) or export (.ts, .onnx), a run folder, or 'latest' (newest runs/*/best.pt)."),
     data_dir: Path = typer.Argument(..., help="Class folders, or a split root (then --split)."),
-    split: Optional[str] = typer.Option(None, "--split", help="train, val or test for a split root [default: test if present, else val]."),
+    split: Optional[str] = typer.Option(None, "--split", help="train, val, test or all. On the folder the model was trained on: its held-out images by default (test if it had one, else val). On a split root: test if present, else val. Elsewhere: every image."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for the evaluation files [default: MODEL's folder/eval-DATA_DIR name[-split]]."),
     no_files: bool = typer.Option(False, "--no-files", help="Only print the metrics; write no files."),
     raw_scores: bool = typer.Option(False, "--raw-scores", help="Softmax of raw logits (skip the stored temperature calibration)."),
@@ -342,6 +361,14 @@ def evaluate(
         model=model, data_dir=data_dir, split=split, output=output, raw_scores=raw_scores, write_files=not no_files,
         batch_size=batch_size, workers=workers, device=device, precision=precision, compile=compile,
     )
+    evaluated = metrics["evaluated"]
+    if evaluated.get("note"):
+        console.info(evaluated["note"])
+    if evaluated.get("seen_in_training"):
+        console.warn(
+            f"{evaluated['seen_in_training']} of the {metrics['n'] + len(metrics['skipped'])} images were used to train "
+            "this model (the same file, or a copy of one): these metrics are not a held-out estimate"
+        )
     for item in metrics["skipped"]:
         console.warn(f"skipped {item['error']}")
     if out_dir is not None:
@@ -369,30 +396,29 @@ def _print_metrics_table(m: dict[str, Any]) -> None:
 
 def _print_class_tables(m: dict[str, Any]) -> None:
     """Per-class P/R/F1, the confusion matrix (up to 20 classes) and the most-confused pairs."""
-    from rich.markup import escape
     from rich.table import Table
 
     per = Table(title="per class")
     for col in ("class", "precision", "recall", "f1", "support"):
         per.add_column(col, justify="left" if col == "class" else "right")
     for name, row in m["per_class"].items():
-        per.add_row(escape(name), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+        per.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
     console.out.print(per)
     labels, cm = m["labels"], m["confusion_matrix"]
     if len(labels) <= 20:
         conf = Table(title="confusion matrix (rows: true, columns: predicted)")
         conf.add_column("")
         for name in labels:
-            conf.add_column(escape(name), justify="right")
+            conf.add_column(name, justify="right")
         for name, row in zip(labels, cm):
-            conf.add_row(escape(name), *map(str, row))
+            conf.add_row(name, *map(str, row))
         console.out.print(conf)
     if m.get("most_confused"):
         pairs = Table(title="most confused (true -> predicted)")
         for col in ("true", "predicted", "count"):
             pairs.add_column(col, justify="right" if col == "count" else "left")
         for p in m["most_confused"]:
-            pairs.add_row(escape(p["true"]), escape(p["predicted"]), str(p["count"]))
+            pairs.add_row(p["true"], p["predicted"], str(p["count"]))
         console.out.print(pairs)
 
 
@@ -524,7 +550,7 @@ def _write_predictions(batches, fmt: "PredictFormat", fields: list[str], *, clas
     """Write each batch as it comes and flush; returns (inputs, inputs that failed)."""
     try:
         return _write_batches(batches, fmt, fields, classes=classes, top_k=top_k, quiet=quiet, progress=progress)
-    except BrokenPipeError:
+    except BrokenPipeError:  # sys.stdout not guarded (the library called directly)
         raise PipeClosed() from None
 
 
@@ -756,6 +782,8 @@ def info(
     from rich.table import Table
 
     table = Table(show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # paths and class lists wrap instead of ending in "…"
     for key, value in desc.items():
         if value is None or value == {}:
             continue
@@ -774,6 +802,13 @@ def _short(v: Any) -> str:
 
 
 # --- entry point ---------------------------------------------------------------------------------------------
+
+class QuietExit(RescliError):
+    """Exit with a status whose message was already shown (by the processes a launcher started)."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__("", exit_code=exit_code)
+
 
 class PipeClosed(RescliError):
     """The reader of stdout went away (`| head`); not an error worth a message."""
@@ -794,9 +829,62 @@ def main() -> None:
 
 
 def _main() -> None:
+    if sys.stdout is None:  # started with stdout closed (`>&-`): results would vanish without a word
+        console.err.print(
+            "error: stdout is closed, and rescli writes its results there; redirect it instead "
+            "(> FILE, or > /dev/null to discard them)", markup=False)
+        sys.exit(1)
+    stdout = sys.stdout
+    sys.stdout = _GuardedStdout(stdout)
     try:
-        # standalone_mode=False hands typer.Exit(code) back as a return value instead of exiting.
+        with _sigterm_interrupts():
+            _run_app()
+    finally:
+        sys.stdout = stdout
+
+
+class StdoutFailed(RescliError):
+    """Writing results failed (a full disk behind `> file`, an I/O error): one line, exit 1."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(f"cannot write the results to stdout: {exc.strerror or exc}")
+
+
+class _GuardedStdout:
+    """sys.stdout for the length of a command: every failed write or flush, whoever makes it (rich, csv, json),
+    becomes PipeClosed (the reader went away) or StdoutFailed, instead of a traceback or a message at exit."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise PipeClosed() from None
+        except OSError as exc:
+            raise StdoutFailed(exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise PipeClosed() from None
+        except OSError as exc:
+            raise StdoutFailed(exc) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _run_app() -> None:
+    try:
+        # standalone_mode=False hands typer.Exit(code) back as a return value instead of exiting. Typer also turns
+        # a KeyboardInterrupt into Exit(130) there, before any handler of ours sees it: 130 can only mean that.
         code = app(standalone_mode=False)
+        if code == 130:
+            console.err.print("interrupted", markup=False)
+        sys.stdout.flush()  # a buffered `> file` fails here, if at all, while it can still be said well
     except PipeClosed as exc:
         _silence_stdout()
         if threading.active_count() > 1 and _stdout_is_real_fd():
@@ -806,8 +894,12 @@ def _main() -> None:
             os._exit(exc.exit_code)
         sys.exit(exc.exit_code)
     except RescliError as exc:
+        if isinstance(exc, StdoutFailed):
+            _silence_stdout()  # the interpreter flushes stdout once more at exit: let that find somewhere to go
         rank = _torchrun_rank()
-        if rank == 0:
+        if not exc.message:
+            pass
+        elif rank == 0:
             console.err.print(f"error: {exc.message}", markup=False, highlight=False)
         elif not getattr(exc, "shared", False) and exc.exit_code != 2:  # rank 0 shows the errors all ranks share
             console.err.print(f"error (rank {rank}): {exc.message}", markup=False, highlight=False)
@@ -815,6 +907,10 @@ def _main() -> None:
     except KeyboardInterrupt:
         console.err.print("interrupted", markup=False)
         sys.exit(130)
+    except OSError as exc:  # a file the library did not expect to fail (a full disk, a read-only folder): one line
+        where = f"{os.fsdecode(exc.filename)}: " if exc.filename else ""
+        console.err.print(f"error: {where}{exc.strerror or exc}", markup=False, highlight=False)
+        sys.exit(1)
     except Exception as exc:
         # Typer vendors click; its exceptions are recognised by shape rather than by an import.
         if type(exc).__name__ == "Abort":
@@ -825,6 +921,24 @@ def _main() -> None:
             sys.exit(exc.exit_code)
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Any:
+    """SIGTERM (kill, a scheduler ending a job) stops rescli like Ctrl-C does: cleanly, files intact, exit 130."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _torchrun_rank() -> int:

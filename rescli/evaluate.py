@@ -218,23 +218,140 @@ def write_evaluation(
 
 # --- rescli evaluate -------------------------------------------------------------------------------------
 
-def default_output_dir(model: Path, data_root: Path, index: data.DatasetIndex) -> Path:
-    """``<model's folder>/eval-<data folder>[-<split folder>]``."""
-    name = data_root.name or "data"
-    evaluated = Path(index.root).resolve()
-    if "eval" in index.splits and evaluated != data_root:
-        name = f"{name}-{evaluated.name}"
-    elif "eval" not in index.splits:  # the held-out validation split of a train-only root
-        name = f"{name}-val"
-    return model.resolve().parent / f"eval-{name}"
+EVAL_SPLITS = ("train", "val", "test", "all")
 
 
-def _inside(path: Path, folder: Path) -> bool:
+@dataclass
+class Selection:
+    """Which labelled images an evaluation scores, and what they are to the model."""
+
+    samples: list[tuple[str, int]]
+    name: str  # for the default output folder: eval-<name>
+    split: str | None  # train | val | test | all, or None: a whole folder the model was not trained on
+    held_out: bool  # whether the model is meant never to have seen these images
+    note: str | None = None  # which images were chosen and why, for the person running it
+
+
+def select_images(
+    data_dir: str | os.PathLike, *, classes: Sequence[str], split: str | None, record: dict[str, Any] | None,
+    settings: dict[str, Any],
+) -> Selection:
+    """The images to score. On the folder the model was trained on, the split it held out (or ``split``), file for
+    file from the model's record of its training data; elsewhere the whole folder, or one split of a split root."""
+    root = Path(data_dir).expanduser()
+    if split is not None and split not in EVAL_SPLITS:
+        raise UsageError(f"--split {split!r}: expected train, val, test or all")
+    if not root.is_dir():
+        raise UsageError(f"{root}: no such folder")
+    if record and root.resolve() == Path(record["root"]):
+        return _training_folder(root, record, classes=classes, split=split)
+    split_dirs = data.find_split_folders(root)
+    if not record and settings.get("data_dir") and root.resolve() == Path(settings["data_dir"]).expanduser().resolve() \
+            and "train" not in split_dirs:
+        return _redrawn_split(root, classes=classes, split=split, settings=settings)
+    if "train" in split_dirs or (split in split_dirs and split != "all"):
+        if split == "all":
+            samples = [s for name in split_dirs for s in data.eval_samples(root, classes=classes, split=name)[0]]
+            return Selection(samples, f"{root.name}-all", "all", held_out=False)
+        samples, index = data.eval_samples(root, classes=classes, split=split)
+        chosen = split or ("test" if "test" in split_dirs else "val")
+        return Selection(samples, f"{root.name}-{Path(index.root).name}", chosen, held_out=True)
+    if split not in (None, "all"):
+        raise UsageError(
+            f"--split {split}: {root} holds class folders that this model was not trained on, so it has no {split} "
+            "split; drop --split to score all its images"
+        )
+    samples, _ = data.eval_samples(root, classes=classes)
+    return Selection(samples, root.name or "data", None, held_out=True)
+
+
+_SPLIT_WORDS = {
+    "val": "images it held out for validation", "test": "images of its test split",
+    "train": "images it was trained on", "all": "images of every split",
+}
+
+
+def _training_folder(root: Path, record: dict[str, Any], *, classes: Sequence[str], split: str | None) -> Selection:
+    stored = {
+        name: [(str(Path(record["root"]) / rel), int(y)) for rel, y in zip(part["paths"], part["labels"])]
+        for name, part in record["splits"].items()
+    }
+    split_dirs = data.find_split_folders(root) if record["layout"] == "split-folders" else {}
+    chosen = split or ("test" if "test" in split_dirs else "val")
+    if chosen == "test" and "test" not in split_dirs:
+        raise UsageError(
+            f"--split test: the model was trained on {root} without a test split; choose val (the images it held out), "
+            "train or all"
+        )
+    test = data.eval_samples(root, classes=classes, split="test")[0] if "test" in split_dirs and chosen in ("test", "all") else []
+    samples = {"train": stored["train"], "val": stored["val"], "test": test, "all": stored["train"] + stored["val"] + test}[chosen]
+    listed = {p for part in stored.values() for p, _ in part}
+    scanned = Path(record["root"]) if record["layout"] == "class-folders" else split_dirs["train"]
+    present = {str(p) for files in data.scan_class_folders(scanned).files.values() for p in files}
+    added = len(present - listed) if record["layout"] == "class-folders" else 0
+    note = (
+        f"{root} is the folder this model was trained on: scoring the {len(samples)} {_SPLIT_WORDS[chosen]}"
+        + (" (--split train|val|all to choose)" if split is None else "")
+        + (f"; {added} image(s) added since training belong to no split and are not scored" if added else "")
+    )
+    return Selection(samples, f"{root.name}-{chosen}", chosen, held_out=chosen in ("val", "test"), note=note)
+
+
+def _redrawn_split(root: Path, *, classes: Sequence[str], split: str | None, settings: dict[str, Any]) -> Selection:
+    """A model from before stored splits, on its training folder: draw the split again from its seed."""
+    chosen = split or "val"
+    if chosen == "test":
+        raise UsageError(f"--split test: {root} has no test split; choose val, train or all")
+    index = data.scan_dataset(root, val_split=settings.get("val_split", 0.2), seed=settings.get("seed", 0))
+    lookup = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(index.classes) - set(classes))
+    if unknown:
+        raise RescliError(f"{root}: class folder(s) {', '.join(unknown)} unknown to the model (its classes: {', '.join(classes)})")
+    parts = {name: [(p, lookup[index.classes[y]]) for p, y in index.splits[name]] for name in ("train", "val")}
+    samples = parts["train"] + parts["val"] if chosen == "all" else parts[chosen]
+    note = (f"{root} is the folder this model was trained on: scoring the {len(samples)} {_SPLIT_WORDS[chosen]}, "
+            "drawn again from its seed (the model predates stored splits, so images added since may be among them)")
+    return Selection(samples, f"{root.name}-{chosen}", chosen, held_out=chosen == "val", note=note)
+
+
+def count_seen_in_training(samples: Sequence[tuple[str, int]], record: dict[str, Any] | None, *, workers: int = 4) -> int | None:
+    """How many of ``samples`` the model was trained on: the same file, or a file with the same content.
+    None when the model carries no record of its training images."""
+    if not record or "train_sha1" not in record:
+        return None
+    root = Path(record["root"])
+    trained_paths = {os.path.realpath(root / rel) for rel in record["splits"]["train"]["paths"]}
+    trained_hashes = set(record["train_sha1"])
+    paths = [p for p, _ in samples]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # hashlib releases the GIL: threads read and hash in parallel
+        hashes = list(pool.map(_short_sha1, paths))
+    return sum(os.path.realpath(p) in trained_paths or (h is not None and h in trained_hashes) for p, h in zip(paths, hashes))
+
+
+def _short_sha1(path: str) -> str | None:
+    import hashlib
+
+    digest = hashlib.sha1()
     try:
-        path.relative_to(folder)
-        return True
-    except ValueError:
-        return False
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()[:16]
+
+
+def training_record(model: Path, predictor: Any) -> dict[str, Any] | None:
+    """The model's record of its training data (``data`` in a checkpoint, or in an export's metadata)."""
+    if "data" in predictor.meta:
+        return predictor.meta["data"]
+    if predictor.kind == "checkpoint":
+        from rescli.checkpoint import load_checkpoint
+
+        return load_checkpoint(model).get("data")
+    return None
 
 
 def evaluate_folder(
@@ -251,44 +368,46 @@ def evaluate_folder(
     compile: bool = False,
     write_files: bool = True,
 ) -> tuple[dict[str, Any], EvalResult, Path | None]:
-    """Metrics of ``model`` (checkpoint or export) on a class folder or one split of a split root.
+    """Metrics of ``model`` (checkpoint or export) on labelled images (see ``select_images``).
 
     Scores use the model's stored temperature unless ``raw_scores``. Unless ``write_files`` is False, the
-    artefacts go to ``output`` (default: ``default_output_dir``), which may not lie inside the data folder.
-    Returns (metrics, per-sample result, output folder or None).
+    artefacts go to ``output`` (default: ``<model's folder>/eval-<name>``), which may not lie inside the data
+    folder. Returns (metrics, per-sample result, output folder or None); ``metrics["evaluated"]`` says which
+    images were scored (``split``, ``note``) and how many of them the model was trained on (``seen_in_training``).
     """
     from rescli.predict import load_predictor
+    from rescli.runfolder import refuse_inside_data
 
     model = Path(model)
     predictor = load_predictor(model, device=device, precision=precision, compile=compile)
-    settings = predictor.meta.get("settings", {})
-    samples, index = data.eval_samples(
-        data_dir, classes=predictor.classes, split=split,
-        val_split=settings.get("val_split", 0.2), seed=settings.get("seed", 0),
-    )
+    record = training_record(model, predictor)
+    chosen = select_images(data_dir, classes=predictor.classes, split=split, record=record,
+                           settings=predictor.meta.get("settings", {}))
+    if not chosen.samples:
+        raise RescliError(f"{data_dir}: no images to evaluate" + (f" in the {chosen.split} split" if chosen.split else ""))
     data_root = Path(data_dir).expanduser().resolve()
     out_dir = None
     if write_files:
-        out_dir = Path(output).expanduser().resolve() if output is not None else default_output_dir(model, data_root, index)
-        if _inside(out_dir, data_root):
-            raise UsageError(
-                f"evaluation output {out_dir} lies inside the data folder {data_root}; rescli never writes there. "
-                "Choose another folder with --output DIR"
-            )
+        out_dir = Path(output).expanduser().resolve() if output is not None else model.resolve().parent / f"eval-{chosen.name}"
+        refuse_inside_data(out_dir, data_root, what="evaluation output")
         if out_dir.exists() and not out_dir.is_dir():
             raise UsageError(f"--output {out_dir}: exists and is not a folder")
-    dataset = data.ImageSamples(samples, predictor.transform(), draft_size=data.draft_size_for(predictor.img_size, train=False))
-    loader = data.make_loader(dataset, batch_size=batch_size, shuffle=False, workers=default_workers() if workers is None else workers)
+    n_workers = default_workers() if workers is None else workers
+    seen = count_seen_in_training(chosen.samples, record, workers=max(2, n_workers)) if chosen.split not in ("train", "all") else None
+    dataset = data.ImageSamples(chosen.samples, predictor.transform(), draft_size=data.draft_size_for(predictor.img_size, train=False))
+    loader = data.make_loader(dataset, batch_size=batch_size, shuffle=False, workers=n_workers)
     ev = run_eval(predictor.logits, loader)
     if len(ev.y_true) == 0:
-        raise RescliError(f"{data_dir}: none of the {len(samples)} image(s) could be read")
+        raise RescliError(f"{data_dir}: none of the {len(chosen.samples)} image(s) could be read")
     temperature = 1.0 if raw_scores else predictor.temperature
     extra = {
         "evaluated": {
             "model": str(model.resolve()),
             "data_dir": str(data_root),
-            "images_folder": str(Path(index.root).resolve()),
-            "split": "val (held out)" if "eval" not in index.splits else (split or None),
+            "split": chosen.split,
+            "held_out": chosen.held_out,
+            "seen_in_training": seen,
+            "note": chosen.note,
             "temperature_source": "none (--raw-scores)" if raw_scores else "the model's stored temperature",
         },
         "skipped": [{"path": p, "error": e} for p, e in ev.failures],

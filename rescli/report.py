@@ -358,7 +358,9 @@ def write_html_report(run_dir: str | os.PathLike, *, output: str | os.PathLike |
         raise RescliError(f"run folder not found: {run_path}")
     metrics_path = run_path / "metrics.json"
     if not metrics_path.is_file():
-        raise RescliError(f"{run_path} has no metrics.json; is it a rescli run folder with a finished evaluation?")
+        hint = (f"its final evaluation did not finish: rescli finetune --resume {run_path} completes it"
+                if (run_path / "last.pt").is_file() else "is it a rescli run or evaluation folder?")
+        raise RescliError(f"{run_path} has no metrics.json; {hint}")
     metrics = _read_json(metrics_path)
     if not isinstance(metrics, dict):
         raise RescliError(f"{metrics_path} is not a readable JSON object")

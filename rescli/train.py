@@ -7,6 +7,7 @@ atomically, so a kill at any moment leaves usable files behind.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -26,7 +27,8 @@ import torch
 from torch import nn
 
 from rescli import console, data, distributed, models
-from rescli.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from rescli.runfolder import RunFolderLock, open_new_run
+from rescli.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, versions
 from rescli.fileio import atomic_write_json, atomic_write_text
 from rescli.errors import RescliError, UsageError
 from rescli.evaluate import EvalResult, eval_result, run_eval, write_evaluation
@@ -107,32 +109,7 @@ def _attach_image_caches(
     return held
 
 
-# --- run folders -----------------------------------------------------------------------------------
-
-def new_run_dir(base: str | os.PathLike = "runs") -> Path:
-    """runs/run1, runs/run2, …: mkdir is atomic, so two runs started together never share a folder."""
-    base = Path(base)
-    base.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name[3:]) for p in base.glob("run*") if p.name[3:].isdigit()]
-    n = max(taken, default=0) + 1
-    while True:
-        candidate = base / f"run{n}"
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            n += 1
-
-
-def prepare_output_dir(output: str | os.PathLike | None) -> Path:
-    if output is None:
-        return new_run_dir()
-    out = Path(output).expanduser()
-    if out.exists() and any(out.glob("*.pt")):
-        raise UsageError(f"--output {out}: already holds a run; choose a new folder, or continue it with --resume {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
+# --- run files ------------------------------------------------------------------------------------
 
 def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
@@ -436,6 +413,12 @@ def _padded(loader, steps: int, *, img_size: int) -> Iterator[data.Batch]:
         yield data.Batch(torch.zeros(0, 3, img_size, img_size, dtype=torch.uint8), empty, empty, [])
 
 
+def _without_lone_image(batch: data.Batch, img_size: int) -> data.Batch:
+    """The batch with its single image left out: an empty batch, which a distributed step still takes part in."""
+    empty = torch.zeros(0, dtype=torch.long)
+    return data.Batch(torch.zeros(0, 3, img_size, img_size, dtype=torch.uint8), empty, empty, batch.failures)
+
+
 def _gather_eval(ctx: distributed.DistContext, ev: EvalResult, samples, *, n_classes: int) -> EvalResult:
     """Each process's shard of a validation pass -> the whole split's result (dataset order), the same in every process."""
     position = {path: i for i, (path, _) in enumerate(samples)}
@@ -474,10 +457,11 @@ def finetune(
     and every rank returns the same summary.
     """
     try:
-        return _finetune(
-            settings=settings, output=output, resume=resume, epochs=epochs, show_progress=show_progress,
-            on_epoch_end=on_epoch_end, _stop=_stop,
-        )
+        with contextlib.ExitStack() as stack:  # releases the run folder's lock however the run ends
+            return _finetune(
+                settings=settings, output=output, resume=resume, epochs=epochs, show_progress=show_progress,
+                on_epoch_end=on_epoch_end, _stop=_stop, _stack=stack,
+            )
     finally:
         distributed.shutdown()
 
@@ -491,38 +475,58 @@ def _finetune(
     show_progress: bool,
     on_epoch_end: Callable[..., dict[str, Any] | None] | None,
     _stop: StopFlag | None,
+    _stack: contextlib.ExitStack,
 ) -> dict[str, Any]:
     state: dict[str, Any] | None = None
     _compiled_cache: dict[str, Any] = {}
+    tail_only = False
     if resume is not None:
         run_dir, state = _load_resume(resume)  # every process reads last.pt (multi-node: a folder they all see)
         settings = settings_from_dict(state["settings"])
+        if state.get("data"):  # the resolved folder it was trained on, wherever this process was started
+            settings.data_dir = state["data"]["root"]
         if epochs is not None:
             settings.epochs = epochs
+        done = int(state["epoch"])
+        if done >= settings.epochs and _run_finished(run_dir):
+            raise UsageError(f"{run_dir} already trained {done} epochs; pass --epochs N with N > {done} to continue")
+        tail_only = done >= settings.epochs  # every epoch ran, but the final evaluation was interrupted
     elif settings is None:
         raise UsageError("finetune needs settings or --resume")
-    ctx, dist_device = distributed.init_from_env(settings.device)
-    distributed.check_batch_size(settings.batch_size, ctx.world_size)
-    if settings.sync_bn:
-        distributed.check_sync_bn(True, resolve_device(dist_device))
-    if resume is None:  # rank 0 picks (and makes) the run folder; the others learn its name
-        run_dir = Path(distributed.on_main(ctx, lambda: str(prepare_output_dir(output))))
-
+    else:
+        settings.data_dir = os.path.abspath(os.path.expanduser(settings.data_dir))
     if settings.epochs < 1:
         raise UsageError("--epochs must be at least 1")
     if settings.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     if settings.img_size < 8:
         raise UsageError("--img-size must be at least 8")
-    validate_settings(settings)
+    validate_settings(settings)  # before a run folder is made: a usage error leaves nothing behind
+    ctx, dist_device = distributed.init_from_env(settings.device)
+    distributed.check_batch_size(settings.batch_size, ctx.world_size)
+    if settings.sync_bn:
+        distributed.check_sync_bn(True, resolve_device(dist_device))
+    if resume is None:  # rank 0 picks, makes and locks the run folder; the others learn its name
+
+        def open_run() -> str:
+            out, lock = open_new_run(output, data_dir=settings.data_dir)
+            _stack.callback(lock.release)
+            return str(out)
+
+        run_dir = Path(distributed.on_main(ctx, open_run))
+    elif ctx.is_main:
+        _stack.callback(RunFolderLock(run_dir).acquire().release)
     _seed_everything(settings.seed)
 
     # Data: scan and check every image once (cached), split, report what was left out. Distributed: rank 0
-    # scans and hands the index to the others, so every process has the same split.
+    # scans and hands the index to the others, so every process has the same split. A resumed run keeps the
+    # split it started with, file for file.
     def scan() -> data.DatasetIndex:
         found = data.scan_dataset(
             settings.data_dir, val_split=settings.val_split, seed=settings.seed, strict=settings.strict, workers=settings.workers
         )
+        if state is not None:
+            found = _restore_split(found, state)
         report_scan(found, run_dir)
         if not found.splits["val"]:
             raise RescliError(f"{settings.data_dir}: no validation images (use --val-split > 0 or add a val/ folder)")
@@ -587,7 +591,7 @@ def _finetune(
     # Head only, no augmentation: the backbone's output for an image never changes, so compute it once and
     # train the head on the cached features (each epoch is then one small matrix multiply per batch).
     use_cache = (
-        settings.cache_features and strategy == "head" and settings.augment == "none"
+        not tail_only and settings.cache_features and strategy == "head" and settings.augment == "none"
         and settings.mixup <= 0 and settings.cutmix <= 0
     )
     train_feats = val_feats = None
@@ -655,9 +659,10 @@ def _finetune(
         bad_epochs = int(state.get("bad_epochs", 0))
         history = [dict(r) for r in state.get("history", [])]
         _restore_rng(state["rng"])
-        console.info(f"resuming {run_dir} at epoch {start_epoch + 1}" + (f", step {start_step + 1}" if start_step else ""))
-        if start_epoch >= settings.epochs:
-            raise UsageError(f"{run_dir} already trained {start_epoch} epochs; pass --epochs N with N > {start_epoch} to continue")
+        if tail_only:
+            console.info(f"resuming {run_dir}: all {start_epoch} epochs are done; finishing its evaluation of best.pt")
+        else:
+            console.info(f"resuming {run_dir} at epoch {start_epoch + 1}" + (f", step {start_step + 1}" if start_step else ""))
 
     image_cache = _attach_image_caches(
         settings, train_ds=train_ds, val_ds=val_ds, workers=workers, processes=ctx.world_size if ctx.enabled else 1,
@@ -671,6 +676,7 @@ def _finetune(
         img_size=settings.img_size,
         mean=mean,
         std=std,
+        data=_data_record(index),  # what evaluate needs to score the held-out images, and resume to keep the split
     )
     settings_dict = asdict(settings)
     settings_dict["strategy_resolved"] = strategy
@@ -686,7 +692,7 @@ def _finetune(
         "runtime": runtime.describe(),
         "layout": index.layout,
         "counts": {s: index.counts(s) for s in index.splits},
-        "versions": make_checkpoint(model_state={}, **base)["versions"],
+        "versions": versions(),
     }
     if lr_find_info is not None:
         run_info["lr_find"] = lr_find_info
@@ -751,6 +757,7 @@ def _finetune(
             model.train()
             if frozen:
                 models.freeze_batchnorm_stats(model)
+            bn_training = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
             order = _epoch_order(n_train, seed=settings.seed, epoch=epoch)
             skip = start_step if epoch == start_epoch else 0
             if skip and state is not None and state.get("epoch_partial") and ctx.is_main:  # saved totals: counted once
@@ -850,6 +857,16 @@ def _finetune(
                             if msg not in warned:
                                 warned.add(msg)
                                 console.warn(f"skipped during training: {msg}")
+                        if batch.labels.numel() == 1 and bn_training:
+                            batch = _without_lone_image(batch, settings.img_size)
+                            if "lone image" not in warned:
+                                warned.add("lone image")
+                                console.info(
+                                    f"a training batch of one image cannot be normalised by BatchNorm in training mode: "
+                                    f"such an image sits out its step ({n_train} images, --batch-size {settings.batch_size}"
+                                    + (f" over {ctx.world_size} processes" if ctx.enabled else "")
+                                    + "; the order changes every epoch, so each time it is another one)"
+                                )
                         if batch.labels.numel() > 0 or ctx.enabled:  # every process takes part in every step
                             x = data.to_model_input(batch.images, device=runtime.device, mean=mean, std=std, channels_last=runtime.channels_last)
                             train_step(x, batch.labels.to(runtime.device, non_blocking=True), ddp if ctx.enabled else compiled, step)
@@ -948,9 +965,19 @@ def _finetune(
         best_ckpt["metrics"] = metrics
         best_ckpt["temperature"] = float(metrics["temperature"])
         save_checkpoint(best_ckpt, run_dir / "best.pt")
+        atomic_write_json(run_dir / "run.json", {**run_info, "finished": True})  # --resume: nothing left to do
         return metrics
 
-    metrics = distributed.on_main(ctx, evaluation_files)
+    # Every file of the tail is written atomically and best.pt last, so an interrupt here loses nothing:
+    # --resume sees that run.json is not marked finished and runs this tail again.
+    with _interrupt_raises():
+        try:
+            metrics = distributed.on_main(ctx, evaluation_files)
+        except KeyboardInterrupt:
+            raise distributed.shared(Interrupted(
+                f"interrupted during the final evaluation; every epoch is saved. Finish it with: "
+                f"rescli finetune --resume {run_dir}"
+            ), ctx) from None
     return {"run_dir": str(run_dir), "metrics": metrics, "history": history, "classes": classes}
 
 
@@ -1025,6 +1052,91 @@ def report_scan(index: data.DatasetIndex, run_dir: Path | None) -> None:
         lines += [f"ignored\t{rel}\t{index.ignored_reasons.get(rel, 'not an image')}" for rel in index.ignored]
         lines += [f"empty\t{rel}\tno usable images" for rel in sorted(set(index.empty_classes))]
         atomic_write_text(run_dir / "skipped.txt", "".join(line + "\n" for line in lines))
+
+
+def _run_finished(run_dir: Path) -> bool:
+    """Whether the run's final evaluation completed (runs from before the marker: when metrics.json exists)."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = {}
+    return bool(info["finished"]) if "finished" in info else (run_dir / "metrics.json").is_file()
+
+
+@contextmanager
+def _interrupt_raises() -> Iterator[None]:
+    """SIGTERM, like Ctrl-C, raises KeyboardInterrupt inside the block (outside the training loop's StopFlag)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _data_record(index: data.DatasetIndex) -> dict[str, Any]:
+    """The resolved data folder and the exact files (relative paths, labels) of both splits, plus a short content
+    hash of every training image: evaluate scores the held-out images and counts trained-on ones elsewhere;
+    --resume keeps the split file for file."""
+
+    def part(split: str) -> dict[str, list]:
+        samples = index.splits.get(split, [])
+        return {"paths": [index.rel(p) for p, _ in samples], "labels": [int(y) for _, y in samples]}
+
+    train_hashes = [index.infos[p].sha1[:16] for p, _ in index.splits["train"] if p in index.infos and index.infos[p].sha1]
+    return {
+        "root": str(Path(index.root).resolve()),
+        "layout": index.layout,
+        "splits": {"train": part("train"), "val": part("val")},
+        "train_sha1": train_hashes,
+    }
+
+
+def _restore_split(index: data.DatasetIndex, state: dict[str, Any]) -> data.DatasetIndex:
+    """A resumed run's index: the same classes (else one clear refusal), and the stored split file for file.
+
+    Images added since the run started are left out (they would otherwise land in either split and mix
+    validation images into training); images of the split that are gone or broken now are skipped.
+    """
+    stored = list(state["classes"])
+    if index.classes != stored:
+        new = sorted(set(index.classes) - set(stored))
+        gone = sorted(set(stored) - set(index.classes))
+        what = "; ".join(part for part in (f"new: {', '.join(new)}" if new else "", f"gone: {', '.join(gone)}" if gone else "")
+                         if part) or "same names in another order"
+        raise RescliError(
+            f"--resume: the classes of {index.root} changed since the run started ({what}); a resumed run must keep "
+            f"its classes. Restore them, or start a new run"
+        )
+    record = state.get("data")
+    if not record:  # a last.pt from before stored splits: the split is drawn again from the seed, as it was then
+        return index
+    root = Path(record["root"])
+    usable = {p for split in ("train", "val") for p, _ in index.splits.get(split, [])}
+    kept: dict[str, list[tuple[str, int]]] = {}
+    listed: set[str] = set()
+    for split in ("train", "val"):
+        entries = record["splits"][split]
+        paths = [str(root / rel) for rel in entries["paths"]]
+        listed.update(paths)
+        kept[split] = [(p, int(y)) for p, y in zip(paths, entries["labels"]) if p in usable]
+    missing = len(listed) - sum(len(v) for v in kept.values())
+    added = len(usable - listed)
+    if added:
+        console.info(f"resume: {added} image(s) added to {root} since the run started are left out; the run keeps its split")
+    if missing:
+        console.warn(f"resume: {missing} image(s) of the run's split are gone or unreadable now; training goes on without them")
+    index.splits = {**kept, **({"test": index.splits["test"]} if "test" in index.splits else {})}
+    return index
 
 
 def _load_resume(resume: str | os.PathLike) -> tuple[Path, dict[str, Any]]:

@@ -253,7 +253,7 @@ def test_cifar_net_finetune_evaluate_predict_export(cli, tmp_path):
     assert ckpt["arch"] == "resnet20" and ckpt["arch_kwargs"] == {"shortcut": "B"} and ckpt["img_size"] == 8
     assert "layer2.0.shortcut.0.weight" in ckpt["model"]  # the projection is there, and must be rebuilt
 
-    ev = cli("evaluate", run / "best.pt", folder, "--workers", "0", "--format", "json")
+    ev = cli("evaluate", run / "best.pt", folder, "--split", "all", "--workers", "0", "--format", "json")
     assert ev.code == 0, ev.err
     assert json.loads(ev.out)["n"] == 18
 

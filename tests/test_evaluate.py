@@ -195,14 +195,14 @@ def test_threshold_routes_low_confidence_to_unknown(digits_run, cli):
 def test_evaluate_writes_next_to_the_model_never_into_the_data(digits_run, cli, tmp_path):
     data = digits_run.parent / "digits"
     before = sorted(p.relative_to(data) for p in data.rglob("*"))
-    res = cli("evaluate", digits_run / "best.pt", data, "--workers", "0", "--precision", "fp32")
+    res = cli("evaluate", digits_run / "best.pt", data, "--split", "all", "--workers", "0", "--precision", "fp32")
     assert res.code == 0, res.err
-    out_dir = digits_run / "eval-digits"
+    out_dir = digits_run / "eval-digits-all"
     assert str(out_dir) in res.err
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing written into the data folder
     metrics = json.loads((out_dir / "metrics.json").read_text())
     rows = _read_csv(out_dir / "predictions.csv")
-    assert metrics["n"] == len(rows) == 300  # a plain class folder: every image
+    assert metrics["n"] == len(rows) == 300  # --split all on the training folder: every image
     classes = metrics["labels"]
     assert metrics["confusion_matrix"] == _confusion(rows, classes) == json.loads(_png_text(out_dir / "confusion_matrix.png")["Counts"])
     stored = torch.load(digits_run / "best.pt", weights_only=True)["temperature"]
@@ -215,7 +215,7 @@ def test_evaluate_writes_next_to_the_model_never_into_the_data(digits_run, cli, 
         assert name in res.out
 
     # --raw-scores: no temperature; --output elsewhere; --no-files writes nothing; never inside the data folder.
-    res = cli("evaluate", digits_run / "best.pt", data, "--workers", "0", "--precision", "fp32", "--raw-scores", "--output", tmp_path / "raw",
+    res = cli("evaluate", digits_run / "best.pt", data, "--split", "all", "--workers", "0", "--precision", "fp32", "--raw-scores", "--output", tmp_path / "raw",
               "--format", "json")
     assert res.code == 0, res.err
     raw = json.loads(res.out)
