@@ -124,21 +124,11 @@ def stage_gradient_norms(
 
 # --- the experiment ---------------------------------------------------------------------------------------
 
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def _prepare_output(output: str | os.PathLike | None, data_dir: Path) -> Path:
-    from rescli.train import new_run_dir
+    from rescli.runfolder import new_run_dir, refuse_inside_data
 
     out = Path("runs") if output is None else Path(output).expanduser()
-    if _inside(out, data_dir):
-        # The next model's scan would find the run folders (full of PNGs) as new classes; and rescli never writes there.
-        raise UsageError(f"output folder {out} lies inside the data folder {data_dir}; choose --output outside it")
+    refuse_inside_data(out, data_dir, what="output folder")
     if output is None:
         return new_run_dir()
     if out.exists() and not out.is_dir():
