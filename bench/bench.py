@@ -14,6 +14,10 @@ Phases (each in its own child process, so peak memory is per phase):
   predict_x4     the same over 4x as many inputs: peak memory must not grow with the input count
   baseline       a plain fp32 torchvision loop on the same files (ImageFolder, ToTensor, NCHW, fp32)
   head_cached    --strategy head --augment none on cached backbone features vs the same run without the cache
+  finetune_busy, predict_busy
+                 finetune / predict with one competing CPU-bound process on the machine, threads chosen as the
+                 CLI chooses them for the load it sees (rescli.cpus); *_busy_default: the same with torch's
+                 own threads and wait policy (RESCLI_ADAPT_THREADS=0), what rescli did before
 With --compile, the model-only bounds, finetune and predict all use torch.compile (the baseline stays plain).
 This is a script, not a test: it prints figures; nothing asserts a wall-clock time.
 """
@@ -211,7 +215,19 @@ PHASES = {
     "predict_x4": lambda a: phase_predict(a, repeat=4),
     "baseline": phase_baseline,
     "head_cached": phase_head_cached,
+    "finetune_busy": phase_finetune,
+    "predict_busy": phase_predict,
+    "finetune_busy_default": phase_finetune,
+    "predict_busy_default": phase_predict,
 }
+LOAD_PHASES = ("finetune_busy", "predict_busy", "finetune_busy_default", "predict_busy_default")
+
+
+def start_competitor() -> subprocess.Popen:
+    """One CPU-bound process beside the phase (a pure-Python loop: one core, no threads), running before torch loads."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(1.0)  # scheduled and spinning before the phase looks at the load
+    return proc
 
 
 def run_child(phase: str, argv: list[str]) -> dict:
@@ -245,7 +261,8 @@ def main() -> None:
     p.add_argument("--precision", default="auto")
     p.add_argument("--augment", default="none", help="finetune's --augment (none is its default)")
     p.add_argument("--compile", action="store_true", help="torch.compile in every rescli phase and model-only bound")
-    p.add_argument("--phases", default=",".join(k for k in PHASES if k != "head_cached"))
+    p.add_argument("--phases", default=",".join(k for k in PHASES if k != "head_cached" and k not in LOAD_PHASES),
+                   help=f"comma-separated, from: {', '.join(PHASES)}")
     p.add_argument("--repeat", type=int, default=3,
                    help="rounds over all phases; each phase reports its median round (shared machines vary by 10%% run to run)")
     p.add_argument("--phase", help=argparse.SUPPRESS)
@@ -253,11 +270,24 @@ def main() -> None:
     args = p.parse_args()
 
     if args.phase:  # child
-        if args.phase.startswith("predict"):  # before torch loads, as `rescli predict` does
-            from rescli.cli import _idle_threads_sleep
+        competitor = start_competitor() if "_busy" in args.phase else None
+        try:
+            plan = None
+            if args.phase.startswith(("finetune", "predict")) and not args.phase.endswith("_default"):
+                from rescli.cpus import adapt_to_load  # before torch loads, as the CLI does
 
-            _idle_threads_sleep()
-        print(json.dumps(PHASES[args.phase](args)))
+                plan = adapt_to_load()
+            if args.phase.startswith("predict"):
+                from rescli.cli import _idle_threads_sleep
+
+                _idle_threads_sleep()
+            result = PHASES[args.phase](args)
+            if plan is not None:
+                result["threads"] = plan.describe()
+        finally:
+            if competitor is not None:
+                competitor.kill()
+        print(json.dumps(result))
         return
 
     if args.data is None:
@@ -288,24 +318,29 @@ def main() -> None:
     ratio("finetune / baseline (target >= 3.0)", "finetune", "baseline")
     ratio("finetune / model_train (target >= 0.85)", "finetune", "model_train")
     ratio("predict / model_infer (target >= 0.80)", "predict", "model_infer")
+    for name in ("finetune", "predict"):
+        ratio(f"{name}_busy / {name} (target >= 0.40)", f"{name}_busy", name)
+        ratio(f"{name}_busy_default / {name} (before)", f"{name}_busy_default", name)
     if "peak_rss_mib" in results.get("predict", {}) and "peak_rss_mib" in results.get("predict_x4", {}):
         ratios["predict_x4 / predict peak RSS (flat = ~1.0)"] = results["predict_x4"]["peak_rss_mib"] / results["predict"]["peak_rss_mib"]
     if args.json:
         print(json.dumps({"config": vars(args), "results": results, "ratios": ratios}, indent=2))
         return
     print(f"rescli bench: resnet{args.depth}, {args.img_size} px, batch {args.batch}, data {args.data}")
-    print(f"{'phase':<12} {'images/s':>10} {'peak RSS MiB':>13} {'peak GPU MiB':>13}  notes")
+    print(f"{'phase':<22} {'images/s':>10} {'peak RSS MiB':>13} {'peak GPU MiB':>13}  notes")
     for phase, r in results.items():
         if "error" in r:
-            print(f"{phase:<12} {'error':>10}  {r['error']}")
+            print(f"{phase:<22} {'error':>10}  {r['error']}")
             continue
         ips = f"{r['images_per_s']:.1f}" if "images_per_s" in r else "-"
         notes = r.get("runtime", "") or r.get("timed", "")
+        if r.get("threads"):
+            notes = f"{notes}; {r['threads']}"
         if len(r.get("rounds_images_per_s", [])) > 1:
             notes = f"median of {' / '.join(f'{v:.1f}' for v in r['rounds_images_per_s'])}; {notes}"
         if phase == "head_cached":
             notes = f"cached epochs {r['cached_epoch_s']} s vs uncached {r['uncached_epoch_s']} s"
-        print(f"{phase:<12} {ips:>10} {r.get('peak_rss_mib', '-'):>13} {r.get('peak_gpu_mib', '-'):>13}  {notes}")
+        print(f"{phase:<22} {ips:>10} {r.get('peak_rss_mib', '-'):>13} {r.get('peak_gpu_mib', '-'):>13}  {notes}")
     for name, value in ratios.items():
         print(f"{name:<48} {value:.2f}")
 

@@ -43,6 +43,15 @@ Run `rescli COMMAND --help` for each command's options and examples.
 )
 
 
+def _threads_for_load() -> None:
+    """Before torch loads: fewer threads, waiting passively, when other programs keep the CPUs busy (rescli.cpus)."""
+    from rescli.cpus import adapt_to_load
+
+    plan = adapt_to_load()
+    if plan is not None and plan.threads is not None:
+        console.info(plan.describe())
+
+
 def _idle_threads_sleep() -> None:
     """Let OpenMP threads sleep, not spin, between the model's parallel regions (unless the user chose).
 
@@ -156,6 +165,8 @@ def finetune(
     fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="Summary on stdout as a table or JSON."),
 ) -> None:
     """Fine-tune a ResNet on DATA_DIR and write a run folder (best.pt, last.pt, history.csv, metrics.json)."""
+    if gpus is None:  # a launcher shares the cores between its processes itself
+        _threads_for_load()
     from rescli import distributed, models
     from rescli.train import TrainSettings, finetune as run_finetune
 
@@ -268,6 +279,7 @@ def lr_find(
     fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="table (the suggested LR alone) or json."),
 ) -> None:
     """Learning-rate range test: train briefly with a rising LR, print the suggested rate, save the curve."""
+    _threads_for_load()
     from rescli import models
     from rescli.lr_find import find_lr
     from rescli.train import TrainSettings
@@ -353,6 +365,7 @@ def evaluate(
     fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="table for people, json for programs."),
 ) -> None:
     """Score MODEL on labelled images: accuracy, per-class P/R/F1, confusion matrix, mistakes, calibration (ECE)."""
+    _threads_for_load()
     from rescli.evaluate import evaluate_folder
     from rescli.predict import resolve_model_path
 
@@ -480,6 +493,7 @@ def predict(
     """Label images with a trained model; results stream to stdout in input order, batch by batch."""
     import warnings
 
+    _threads_for_load()
     _idle_threads_sleep()
     from rescli.predict import check_inputs, iter_input_paths, load_predictor, predict_batches, resolve_model_path
 
@@ -694,6 +708,8 @@ def degradation(
     fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="Results on stdout as tables or JSON (the content of degradation.json)."),
 ) -> None:
     """Train plain and residual nets at each depth with one recipe: training/validation error per epoch, gradient norms at init, a figure."""
+    if threads is None:
+        _threads_for_load()
     from rescli.degradation import STAGES, run_degradation
 
     result = run_degradation(

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rescli.cpus import available_cpus
 from rescli.errors import RescliError, UsageError
 
 T = TypeVar("T")
@@ -355,8 +356,7 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
         raise UsageError(f"--gpus {nproc}: only {torch.cuda.device_count()} GPU(s) visible")
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # torchrun would set 1: share the cores instead
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        env["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))
+        env["OMP_NUM_THREADS"] = str(max(1, available_cpus() // nproc))
     fd, status_file = tempfile.mkstemp(prefix="rescli-launch-", suffix=".status")
     os.close(fd)
     env[STATUS_FILE_ENV] = status_file

@@ -9,6 +9,7 @@ from typing import ContextManager
 
 import torch
 
+from rescli.cpus import available_cpus
 from rescli.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -106,7 +107,7 @@ def select_runtime(*, device: str = "auto", precision: str = "auto", channels_la
 
 def default_workers() -> int:
     """Decode workers: enough to keep the model fed without starving its own threads."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = available_cpus()
     if torch.cuda.is_available():
         return max(1, min(16, cpus - 1))
     # On a CPU the model's OpenMP threads want every core, and a decode process beside them makes them

@@ -213,7 +213,7 @@ def test_torchvision_jpeg_decoder_is_refused_for_onnx_models(tmp_path, cli, trai
 def test_bench_script_runs_every_phase_and_prints_the_ratios(tmp_path):
     """bench/bench.py is a script, not a test; this only keeps it working (tiny images, one step, one round)."""
     bench = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
-    phases = "model_train,model_infer,finetune,predict,predict_x4,baseline"
+    phases = "model_train,model_infer,finetune,predict,predict_x4,baseline,finetune_busy,predict_busy"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, str(bench), "--img-size", "32", "--images", "24", "--batch", "4", "--steps", "1", "--warmup", "1",
@@ -226,7 +226,8 @@ def test_bench_script_runs_every_phase_and_prints_the_ratios(tmp_path):
         assert report["results"][phase].get("images_per_s", 0) > 0, (phase, report["results"][phase])
     assert report["results"]["predict"]["images"] == 24 and report["results"]["predict_x4"]["images"] == 96
     assert {"finetune / baseline (target >= 3.0)", "finetune / model_train (target >= 0.85)",
-            "predict / model_infer (target >= 0.80)"} <= set(report["ratios"])
+            "predict / model_infer (target >= 0.80)", "finetune_busy / finetune (target >= 0.40)",
+            "predict_busy / predict (target >= 0.40)"} <= set(report["ratios"])
 
 
 def test_predict_compile_gives_the_eager_labels_and_pads_partial_batches(trained_run, class_folder, cli, monkeypatch):
