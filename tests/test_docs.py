@@ -71,3 +71,25 @@ def test_check_names_a_missing_page(cli_reference, tmp_path, capsys):
     assert cli_reference.main(["--check", "--page", str(tmp_path / "cli.md")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cli.md is missing" in err and "python scripts/cli_reference.py" in err
+
+
+def nav_pages() -> list[str]:
+    """The .md files named under `nav:` in mkdocs.yml (one `- Title: page.md` per line; no YAML library needed)."""
+    text = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    nav = text.split("\nnav:\n", 1)[1]
+    pages = []
+    for line in nav.splitlines():
+        if line and not line.startswith((" ", "-")):
+            break  # the next top-level key
+        match = re.fullmatch(r"\s*-\s*(?:[^:]+:\s*)?(\S+\.md)\s*", line)
+        if match:
+            pages.append(match.group(1))
+    return pages
+
+
+def test_every_nav_page_exists_and_every_docs_page_is_in_the_nav():
+    pages = nav_pages()
+    assert len(pages) == len(set(pages)), pages
+    assert [p for p in pages if not (DOCS / p).is_file()] == []
+    assert sorted(p.name for p in DOCS.glob("*.md")) == sorted(pages)
+    assert pages[0] == "index.md" and "cli.md" in pages
