@@ -93,3 +93,27 @@ def test_every_nav_page_exists_and_every_docs_page_is_in_the_nav():
     assert [p for p in pages if not (DOCS / p).is_file()] == []
     assert sorted(p.name for p in DOCS.glob("*.md")) == sorted(pages)
     assert pages[0] == "index.md" and "cli.md" in pages
+
+
+def test_readme_is_at_most_200_lines():
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; move detail into docs/"
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a markdown heading: lower case, punctuation dropped, each space a hyphen."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_links_resolve_on_github():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    local = [link for link in links if not re.match(r"[a-z]+:", link)]
+    assert any(link.startswith("docs/") for link in local)
+    for link in local:
+        path, _, anchor = link.partition("#")
+        target = ROOT / path
+        assert target.exists(), f"README links to {link}: no such file"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", target.read_text(encoding="utf-8"), flags=re.M)
+            assert anchor in {github_anchor(h) for h in headings}, f"README links to {link}: no such heading"
