@@ -86,7 +86,8 @@ def _section(path: str, command: Any, ctx: Any, *, is_group: bool) -> list[str]:
 
 
 def _row(names: str, param: Any) -> str:
-    return f"| {names} | {_cell(_value_kind(param))} | {_cell(_default(param))} | {_cell(getattr(param, 'help', None))} |"
+    cells = [names, _cell(_value_kind(param)), _cell(_default(param)), _cell(getattr(param, "help", None))]
+    return "| " + " | ".join(cells) + " |"
 
 
 def _is_option(param: Any) -> bool:
@@ -191,7 +192,7 @@ def check(page: Path = PAGE) -> str | None:
     except FileNotFoundError:
         return f"{_shown(page)} is missing: run {REGENERATE} to write it"
     if current != render():
-        return f"{_shown(page)} is stale (a command's help, options or defaults changed): run {REGENERATE} and commit it"
+        return f"{_shown(page)} is stale (a command's help, options or defaults changed): run {REGENERATE}, commit it"
     return None
 
 
