@@ -6,8 +6,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def quick_start_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+def quick_start_commands(page: Path = ROOT / "README.md") -> list[str]:
+    text = page.read_text()
     section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     return [block.strip() for block in re.findall(r"```\n(.*?)```", section, flags=re.S)]
 
@@ -21,6 +21,10 @@ def test_quick_start_is_exactly_two_commands():
 def test_ci_runs_the_readme_test_command_verbatim():
     ci = (ROOT / ".ci" / "run").read_text()
     assert quick_start_commands()[1] in ci.splitlines()
+
+
+def test_docs_home_page_shows_the_same_quick_start():
+    assert quick_start_commands(ROOT / "docs" / "index.md") == quick_start_commands()
 
 
 def test_sample_data_is_bundled_and_small():
