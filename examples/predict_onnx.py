@@ -9,13 +9,16 @@ Everything the model needs is read from the file itself: class names, input size
 normalisation and temperature live in its metadata (key "rescli.json"). The preprocessing
 below is the one rescli uses, so the scores match `rescli predict --model model.onnx`.
 Prints one JSON object per image on stdout: {"path", "label", "score", "topk"}, or
-{"path", "error"} for a file that cannot be read (the exit status is then 1).
+{"path", "error"} for a file that cannot be read (the exit status is then 1). A model whose
+metadata or graph cannot be right (a std or temperature of 0, more logits than classes, an
+input that is not [batch, 3, img_size, img_size]) is refused with one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -27,11 +30,74 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def load_model(path: str):
-    session = ort.InferenceSession(path, providers=ort.get_available_providers())
+    # Plain session options: no custom-op library is registered, so the model can use only onnxruntime's own
+    # operators, never native code of its choosing.
+    try:
+        session = ort.InferenceSession(path, sess_options=ort.SessionOptions(), providers=ort.get_available_providers())
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        sys.exit(f"{path}: not a readable ONNX model ({reason})")
     meta_json = session.get_modelmeta().custom_metadata_map.get("rescli.json")
-    if not meta_json:
+    try:
+        meta = json.loads(meta_json or "")
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
         sys.exit(f"{path}: no rescli metadata inside; export it with `rescli export CHECKPOINT --format onnx`")
-    return session, json.loads(meta_json)
+    problem = metadata_problem(meta) or graph_problem(session, meta)
+    if problem:
+        sys.exit(f"{path}: {problem}; export it again with `rescli export CHECKPOINT --format onnx`")
+    return session, meta
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def metadata_problem(meta: dict) -> str | None:
+    """What rescli checks too: each of these would give wrong labels, a division by zero or NaN scores."""
+    classes, size = meta.get("classes"), meta.get("img_size")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        return f"classes {classes!r:.80}: expected a non-empty list of class names"
+    if len(set(classes)) != len(classes):
+        return "classes: a name appears more than once"
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 8192:
+        return f"img_size {size!r}: expected a whole number of pixels from 1 to 8192"
+    for field in ("mean", "std"):
+        values = meta.get(field)
+        if not isinstance(values, list) or len(values) != 3 or not all(_finite(v) for v in values):
+            return f"{field} {values!r:.80}: expected 3 finite numbers, one per RGB channel"
+    if not all(v > 0 for v in meta["std"]):
+        return f"std {meta['std']!r}: every value must be above 0 (pixels are divided by it)"
+    temperature = meta.get("temperature", 1.0)
+    if not _finite(temperature) or not temperature > 0:
+        return f"temperature {temperature!r}: expected a finite number above 0 (logits are divided by it)"
+    return None
+
+
+def graph_problem(session, meta: dict) -> str | None:
+    """The graph must take [batch, 3, img_size, img_size] float32 and return [batch, classes] logits."""
+    size, n = meta["img_size"], len(meta["classes"])
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].type != "tensor(float)":
+        return "input: expected one float32 input, the image batch"
+    shape = inputs[0].shape
+    if len(shape) != 4:
+        return f"input {shape}: expected 4 axes, [batch, 3, {size}, {size}]"
+    if isinstance(shape[1], int) and shape[1] != 3:
+        return f"input {shape}: takes {shape[1]}-channel images; this script feeds 3 (RGB)"
+    if any(isinstance(d, int) and d != size for d in shape[2:]):
+        return f"input {shape}: takes {shape[2]}x{shape[3]} images, but its metadata says img_size {size}"
+    try:  # one blank image settles what the graph's shapes leave open
+        out = session.run(None, {inputs[0].name: np.zeros((1, 3, size, size), np.float32)})[0]
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        return f"input: the model does not run on one 3x{size}x{size} image ({reason})"
+    if out.ndim != 2:
+        return f"output {list(out.shape)}: {out.ndim} axes; expected [batch, classes] logits"
+    if out.shape[1] != n:
+        return f"classes: {n} names, but the model outputs {out.shape[1]} logits (one per class expected)"
+    return None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -351,7 +351,10 @@ report.html into the output folder (never into DATA_DIR). Scores use the tempera
 the model (fitted by finetune on its validation split) unless --raw-scores.
 """)
 def evaluate(
-    model: Path = typer.Argument(..., help="A rescli checkpoint (.pt) or export (.ts, .onnx), a run folder, or 'latest' (newest runs/*/best.pt)."),
+    model: Path = typer.Argument(..., help=(
+        "A rescli checkpoint (.pt) or export (.ts, .onnx), a run folder, or 'latest' (newest runs/*/best.pt). "
+        "A checkpoint is read as data only; a .ts (TorchScript) file is a program that runs when opened: use only "
+        "your own.")),
     data_dir: Path = typer.Argument(..., help="Class folders, or a split root (then --split)."),
     split: Optional[str] = typer.Option(None, "--split", help="train, val, test or all. On the folder the model was trained on: its held-out images by default (test if it had one, else val). On a split root: test if present, else val. Elsewhere: every image."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for the evaluation files [default: MODEL's folder/eval-DATA_DIR name[-split]]."),
@@ -474,7 +477,10 @@ Exit status: 0 all inputs labelled, 1 some input failed (its row has an error fi
 """)
 def predict(
     inputs: List[str] = typer.Argument(..., help="Image files, folders (recursive), quoted globs, '-' for paths on stdin, @LIST for a file of paths."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint, run folder or export (.ts, .onnx) [default: $RESCLI_MODEL, else the newest runs/*/best.pt]."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=(
+        "Checkpoint, run folder or export (.ts, .onnx) [default: $RESCLI_MODEL, else the newest runs/*/best.pt]. "
+        "A checkpoint is read as data only; a .ts (TorchScript) file is a program that runs when opened: use only "
+        "your own.")),
     top_k: int = typer.Option(1, "--top-k", "-k", help="How many labels to report per image (the topk field)."),
     fmt: PredictFormat = typer.Option(PredictFormat.table, "--format", "-f", help="table (people), jsonl, json, csv or tsv."),
     fields: Optional[str] = typer.Option(None, "--fields", help="Comma-separated columns, in order: path,label,score,topk,error."),
@@ -752,9 +758,14 @@ Examples:
 The file carries class names, image size, mean/std and temperature (TorchScript extra file
 or ONNX metadata_props "rescli.json"); the ONNX batch axis is dynamic. Both load without
 rescli: torch.jit.load, or onnxruntime (see examples/predict_onnx.py).
+
+A TorchScript file is a program: loading it (torch.jit.load, rescli predict/evaluate/info)
+runs the code inside, so open only TorchScript files you made yourself. rescli loads
+TorchScript only from a file named .ts or .torchscript, and ONNX only from .onnx, so
+--output must end that way; a checkpoint (.pt, a run folder) is only ever read as data.
 """)
 def export(
-    model: Path = typer.Argument(..., help="A rescli checkpoint, or a run folder (its best.pt)."),
+    model: Path = typer.Argument(..., help="A rescli checkpoint, or a run folder (its best.pt); read as data only."),
     fmt: ExportFormat = typer.Option(ExportFormat.torchscript, "--format", "-f", help="torchscript (.ts) or onnx (.onnx; needs pip install 'rescli[onnx]')."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file [default: MODEL with .ts/.onnx]."),
     check_images: Optional[List[str]] = typer.Option(None, "--check-images", help="Images or folders for the parity check [default: the training folder, if present]."),
@@ -783,9 +794,16 @@ Examples:
     rescli info runs/run1/best.pt
     rescli info runs/run1                # a run folder: its best.pt
     rescli info model.onnx --format json | jq .classes
+
+info loads the file and checks what it says about itself (classes against the model's
+outputs, image size, mean/std, temperature). A checkpoint is read as data only, whatever
+it holds; a .ts/.torchscript file is a TorchScript program, which runs when it is opened,
+even by info: open only your own.
 """)
 def info(
-    model: Path = typer.Argument(..., help="Checkpoint (.pt), run folder, or export (.ts, .onnx)."),
+    model: Path = typer.Argument(..., help=(
+        "Checkpoint (.pt), run folder, or export (.ts, .onnx). A checkpoint is read as data only; a .ts "
+        "(TorchScript) file is a program that runs when opened: use only your own.")),
     fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="table for people, json for programs."),
 ) -> None:
     """Show what a checkpoint or export holds: architecture, classes, image size, metrics, versions."""

@@ -144,9 +144,10 @@ def load_pretrained(model: nn.Module, *, arch: str, weights: str, arch_kwargs: d
     if not path.exists():
         raise UsageError(f"--weights {w}: no such file (use imagenet, none, or a path to a .pt/.pth file)")
     obj = _load_weights_file(path)
-    from rescli.checkpoint import is_rescli_checkpoint
+    from rescli.checkpoint import check_checkpoint, is_rescli_checkpoint
 
     if is_rescli_checkpoint(obj):
+        check_checkpoint(obj, path=f"--weights {path}")  # its mean/std become this run's: a std of 0 would train on NaN
         if obj["arch"] != arch or obj.get("arch_kwargs", {}) != (arch_kwargs or {}):
             raise UsageError(
                 f"--weights {path}: that checkpoint is a {obj['arch']}; pass --arch {obj['arch']} (or the matching --depth) to reuse it"
@@ -188,10 +189,9 @@ def print_to_stderr(message: str) -> None:
 
 
 def _load_weights_file(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise RescliError(f"--weights {path}: not a readable weights file ({first_line(exc)})") from None
+    from rescli.checkpoint import load_weights_only
+
+    return load_weights_only(path, map_location="cpu", what=f"--weights {path}: not a readable weights file")
 
 
 def _state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -261,12 +261,16 @@ def guess_arch(state: dict[str, torch.Tensor]) -> str | None:
 
 # --- building from a checkpoint, freezing, parameter groups -----------------------------------
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+def model_from_checkpoint(ckpt: dict[str, Any], *, source: str | os.PathLike | None = None) -> nn.Module:
+    """The network of a loaded checkpoint (``checkpoint.load_checkpoint``); ``source`` names it in errors."""
     model = create_model(ckpt["arch"], len(ckpt["classes"]), ckpt.get("arch_kwargs"))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise RescliError(f"checkpoint weights do not match its architecture {ckpt['arch']}: {first_line(exc, None)}") from None
+        where = f"{source}: " if source is not None else ""
+        raise RescliError(
+            f"{where}checkpoint weights do not match its architecture {ckpt['arch']}: {first_line(exc, None)}"
+        ) from None
     return model.eval()
 
 

@@ -31,7 +31,6 @@ from rescli.images import ImageError, is_clutter, is_hidden, load_rgb, looks_lik
 from rescli.runtime import Runtime, select_runtime
 
 GLOB_CHARS = set("*?[")
-TORCHSCRIPT_SUFFIXES = (".ts", ".torchscript", ".jit")
 
 
 # --- which model -------------------------------------------------------------------------------------
@@ -60,25 +59,22 @@ def _run_folder_to_file(path: Path) -> Path:
     return path
 
 
+TORCHSCRIPT_SUFFIXES = (".ts", ".torchscript")
+ONNX_SUFFIXES = (".onnx",)
+
+
 def model_kind(path: str | os.PathLike) -> str:
-    """checkpoint, torchscript or onnx: by suffix, else by content (a TorchScript archive holds code/)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
+    """checkpoint, torchscript or onnx: by the file's name alone, the one place that decides how a model is opened.
+
+    Never by content: a TorchScript file is a program that runs when it is loaded, so only a file named for it
+    (.ts, .torchscript) is loaded as one. Everything else, best.pt and a run folder included, is a checkpoint,
+    read with weights_only=True whatever it holds (checkpoint.load_weights_only refuses TorchScript inside).
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix in ONNX_SUFFIXES:
         return "onnx"
     if suffix in TORCHSCRIPT_SUFFIXES:
         return "torchscript"
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if head.startswith(b"PK"):
-            with zipfile.ZipFile(path) as z:
-                if any("/code/" in n or n.endswith("constants.pkl") for n in z.namelist()):
-                    return "torchscript"
-        elif head[:1] == b"\x08" and head[2:3] == b"\x12":  # ONNX ModelProto: ir_version, then producer_name
-            return "onnx"
-    except (OSError, zipfile.BadZipFile):
-        pass
     return "checkpoint"
 
 
@@ -97,9 +93,17 @@ class Predictor:
     kind: str
     meta: dict[str, Any] = field(default_factory=dict)
     device: torch.device | None = None  # where the model runs (None: onnxruntime decides)
+    source: str = "model"  # the file, for errors
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits_fn(images)
+        out = self.logits_fn(images)
+        # Checked on load too; this also covers shapes a file leaves open (a symbolic ONNX output axis).
+        expected = (len(images), len(self.classes))
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise RescliError(f"{self.source}: output {got} for {len(images)} images: expected logits of shape "
+                              f"{expected}, one per class")
+        return out
 
     def transform(self) -> Callable:
         return data.build_transform(img_size=self.img_size, train=False)
@@ -162,6 +166,8 @@ class CompiledForward:
 def load_predictor(path: str | os.PathLike, *, device: str = "auto", precision: str = "auto", compile: bool = False) -> Predictor:
     """A checkpoint (.pt), TorchScript export (.ts) or ONNX export (.onnx) as a Predictor; a run folder means its best.pt.
 
+    Which of the three is decided by the name (``model_kind``); each loader checks the file's metadata.
+
     ``compile``: torch.compile a checkpoint's model (see CompiledForward); exports are already compiled forms.
     """
     path = _run_folder_to_file(Path(path))
@@ -184,7 +190,7 @@ def load_predictor(path: str | os.PathLike, *, device: str = "auto", precision: 
 
     ckpt = load_checkpoint(path)
     runtime = select_runtime(device=device, precision=precision)
-    model = model_from_checkpoint(ckpt).to(runtime.device, memory_format=runtime.memory_format)
+    model = model_from_checkpoint(ckpt, source=path).to(runtime.device, memory_format=runtime.memory_format)
     return Predictor(
         classes=list(ckpt["classes"]),
         img_size=int(ckpt["img_size"]),
@@ -195,6 +201,7 @@ def load_predictor(path: str | os.PathLike, *, device: str = "auto", precision: 
         kind="checkpoint",
         meta={"arch": ckpt["arch"], "runtime": runtime.describe(), "settings": ckpt.get("settings", {})},
         device=runtime.device,
+        source=str(path),
     )
 
 
