@@ -160,7 +160,7 @@ def finetune(
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model for training (slower start, faster steps; single process)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder [default: a new runs/runN]."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run: its folder or its last.pt."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", "--nproc", help="Train with N processes on this machine (one per GPU; gloo processes on a CPU-only machine): re-runs this command under torchrun. --batch-size stays the global batch. Several machines: torchrun itself (README: 'Several GPUs, several machines')."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", "--nproc", help="Train with N processes on this machine (one per GPU; gloo processes on a CPU-only machine): re-runs this command under torchrun. --batch-size stays the global batch. Several machines: torchrun itself (docs/distributed.md)."),
     sync_bn: bool = typer.Option(False, "--sync-bn", help="Distributed runs on GPUs: BatchNorm statistics over the whole global batch (SyncBatchNorm); not available on CPU."),
     fmt: TableOrJson = typer.Option(TableOrJson.table, "--format", help="Summary on stdout as a table or JSON."),
 ) -> None:
@@ -691,7 +691,7 @@ Examples:
 
 Writes OUTPUT/degradation.json, OUTPUT/degradation.png and a run folder per model
 (OUTPUT/plain20/best.pt, ...). Training error is measured in eval mode on the whole
-training split after each epoch, like validation error. Details: the README section "Plain vs residual networks".
+training split after each epoch, like validation error. Details: docs/degradation.md.
 """)
 def degradation(
     data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class (small images: digits, CIFAR-like)."),

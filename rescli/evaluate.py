@@ -343,15 +343,9 @@ def _short_sha1(path: str) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def training_record(model: Path, predictor: Any) -> dict[str, Any] | None:
+def training_record(predictor: Any) -> dict[str, Any] | None:
     """The model's record of its training data (``data`` in a checkpoint, or in an export's metadata)."""
-    if "data" in predictor.meta:
-        return predictor.meta["data"]
-    if predictor.kind == "checkpoint":
-        from rescli.checkpoint import load_checkpoint
-
-        return load_checkpoint(model).get("data")
-    return None
+    return predictor.meta.get("data")
 
 
 def evaluate_folder(
@@ -380,7 +374,7 @@ def evaluate_folder(
 
     model = Path(model)
     predictor = load_predictor(model, device=device, precision=precision, compile=compile)
-    record = training_record(model, predictor)
+    record = training_record(predictor)
     chosen = select_images(data_dir, classes=predictor.classes, split=split, record=record,
                            settings=predictor.meta.get("settings", {}))
     if not chosen.samples:

@@ -52,6 +52,7 @@ def export_metadata(ckpt: dict[str, Any], *, source: str | None = None) -> dict[
         "trained_with": ckpt.get("versions", {}),
         # what evaluate needs to rebuild the validation split of the training folder
         "settings": {k: settings[k] for k in ("data_dir", "val_split", "seed") if k in settings},
+        "data": ckpt.get("data"),  # the training folder and its split, file for file: evaluate scores the held-out part
         "source": source,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

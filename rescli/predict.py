@@ -129,7 +129,7 @@ class CompiledForward:
     """A torch.compile'd model for prediction, compiled for one batch shape.
 
     Inductor turns the eval-mode net into fused convolution kernels with BatchNorm folded in: resnet18
-    and resnet50 infer ~1.7x faster on this CPU (README, Speed), after ~10-15 s of compiling (~2 s when
+    and resnet50 infer ~1.7x faster on this CPU (docs/performance.md), after ~10-15 s of compiling (~2 s when
     inductor's on-disk cache has the graph). A batch smaller than the largest seen so far is padded to it,
     since a new shape would compile again. Where compiling fails (no C++ compiler, an op inductor lacks),
     it says so once and runs the model as it is.
@@ -199,7 +199,8 @@ def load_predictor(path: str | os.PathLike, *, device: str = "auto", precision: 
         temperature=float(ckpt.get("temperature", 1.0)),
         logits_fn=torch_logits_fn(model, runtime=runtime, mean=ckpt["mean"], std=ckpt["std"], compile=compile),
         kind="checkpoint",
-        meta={"arch": ckpt["arch"], "runtime": runtime.describe(), "settings": ckpt.get("settings", {})},
+        meta={"arch": ckpt["arch"], "runtime": runtime.describe(), "settings": ckpt.get("settings", {}),
+              "data": ckpt.get("data")},
         device=runtime.device,
         source=str(path),
     )
@@ -376,7 +377,7 @@ def predict_batches(
 
     ``jpeg_device``: where plain JPEGs are decoded, batched, by torchvision (nvJPEG on a GPU); other files,
     and JPEGs it cannot decode, go through Pillow. "auto" means the model's GPU when torchvision can decode
-    there, else Pillow for everything (None). On a CPU Pillow is the faster (measured: README, Speed).
+    there, else Pillow for everything (None). On a CPU Pillow is the faster (measured: docs/performance.md).
     """
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")

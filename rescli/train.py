@@ -28,7 +28,7 @@ from torch import nn
 
 from rescli import console, data, distributed, models
 from rescli.runfolder import RunFolderLock, open_new_run
-from rescli.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, versions
+from rescli.checkpoint import MAX_IMG_SIZE, load_checkpoint, make_checkpoint, save_checkpoint, versions
 from rescli.fileio import atomic_write_json, atomic_write_text
 from rescli.errors import RescliError, UsageError
 from rescli.evaluate import EvalResult, eval_result, run_eval, write_evaluation
@@ -63,7 +63,7 @@ class TrainSettings:
     warmup_fraction: float = 0.1
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
-    augment: str = "none"  # short runs underfit: augmentation only slows them (README: "Transfer learning"); light/strong for long runs
+    augment: str = "none"  # short runs underfit: augmentation only slows them (docs/training.md); light/strong for long runs
     balance: bool = False
     patience: int | None = None
     val_split: float = 0.2
@@ -499,8 +499,8 @@ def _finetune(
         raise UsageError("--epochs must be at least 1")
     if settings.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    if settings.img_size < 8:
-        raise UsageError("--img-size must be at least 8")
+    if not 8 <= settings.img_size <= MAX_IMG_SIZE:
+        raise UsageError(f"--img-size must be from 8 to {MAX_IMG_SIZE} pixels")
     validate_settings(settings)  # before a run folder is made: a usage error leaves nothing behind
     ctx, dist_device = distributed.init_from_env(settings.device)
     distributed.check_batch_size(settings.batch_size, ctx.world_size)
