@@ -113,3 +113,103 @@ def test_checkpoint_and_check_cache_keep_names_that_are_not_utf8(tmp_path):
     first = images.check_images([png], cache_file=cache_file)
     assert first[str(png)].ok and cache_file.read_bytes().isascii()
     assert images._read_cache(cache_file).keys() == {str(png)}  # read back as the very same name: a cache hit
+
+
+# --- 11: FIFOs and devices -----------------------------------------------------------------------------------------
+
+
+def test_image_readers_refuse_fifos_and_devices_without_blocking(tmp_path):
+    from rescli import images
+
+    fifo = make_fifo(tmp_path / "x.jpg")
+
+    def read_all():
+        with pytest.raises(images.ImageError, match=r"x\.jpg: not a regular file but a named pipe \(FIFO\)"):
+            images.load_rgb(fifo)
+        info = images.check_image(fifo)
+        return info, images.sniff_format(fifo), images.looks_like_image(fifo), images.plain_jpeg_bytes(fifo)
+
+    info, fmt, looks, raw = finishes(read_all, fifos=[fifo])
+    assert not info.ok and "named pipe" in info.error and (fmt, looks, raw) == (None, False, None)
+    with pytest.raises(images.ImageError, match="not a regular file but a character device"):
+        images.load_rgb("/dev/zero")  # would otherwise be read until memory runs out
+    with pytest.raises(images.ImageError, match="is a directory, not a file"):
+        images.load_rgb(tmp_path)
+
+
+def test_predict_gives_fifos_found_or_named_an_error_row(trained_run, tmp_path):
+    folder = tmp_path / "imgs"
+    make_class_folder(folder, per_class=1, classes=("red",))
+    found, named = make_fifo(folder / "red" / "x.jpg"), make_fifo(tmp_path / "given.png")
+    args = ("predict", folder, named, "--model", trained_run / "best.pt", "--format", "jsonl", "--workers", "1")
+    res = finishes(lambda: run_cli(*args), fifos=[found, named])
+    assert res.code == 1, res.err
+    rows = {Path(r["path"]).name: r for r in map(json.loads, res.out.splitlines())}
+    assert rows["img_000.png"]["label"]
+    for name in ("x.jpg", "given.png"):
+        assert "not a regular file but a named pipe (FIFO)" in rows[name]["error"]
+
+
+# --- 15a: the check cache notices a chmod ----------------------------------------------------------------------
+
+
+def test_check_cache_notices_a_change_that_keeps_size_and_mtime(tmp_path, monkeypatch):
+    from rescli import images
+
+    data = make_class_folder(tmp_path / "d", per_class=2, classes=("red",))
+    paths = [str(p) for p in sorted((data / "red").iterdir())]
+    cache_file = tmp_path / "cache.json"
+    images.check_images(paths, cache_file=cache_file)
+    calls = []
+    real = images.check_image
+    monkeypatch.setattr(images, "check_image", lambda p: calls.append(p) or real(p))
+
+    before = os.stat(paths[0])
+    for mode in (0o600, 0o640, 0o604, 0o644) * 50:  # chmod changes ctime (not mtime); wait for the clock to move on
+        os.chmod(paths[0], mode)
+        if os.stat(paths[0]).st_ctime_ns != before.st_ctime_ns:
+            break
+    after = os.stat(paths[0])
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    if after.st_ctime_ns == before.st_ctime_ns:
+        pytest.skip("ctime did not move here")
+    images.check_images(paths, cache_file=cache_file)
+    assert calls == [paths[0]]  # checked again: permissions may have made it unreadable
+
+
+# --- 15b: one long line on stdin --------------------------------------------------------------------------------
+
+
+class _Counted(bytes):
+    """bytes that add up how many bytes split() and + go over, to tell linear from quadratic without a clock."""
+
+    work = 0
+
+    def split(self, *args, **kwargs):
+        _Counted.work += len(self)
+        return [_Counted(part) for part in super().split(*args, **kwargs)]
+
+    def __add__(self, other):
+        _Counted.work += len(self) + len(other)
+        return _Counted(bytes(self) + bytes(other))
+
+
+class _ChunkedStream:
+    def __init__(self, data: bytes, chunk: int) -> None:
+        self.data, self.chunk, self.pos = data, chunk, 0
+
+    def read1(self, n: int) -> bytes:
+        out = _Counted(self.data[self.pos:self.pos + min(n, self.chunk)])
+        self.pos += len(out)
+        return out
+
+
+def test_one_very_long_stdin_line_is_read_in_one_pass():
+    from rescli.predict import iter_input_paths
+
+    long_line = b"x" * (4 << 20)  # 4 MiB: 64 chunks of 64 KiB
+    _Counted.work = 0
+    stream = _ChunkedStream(b"a.jpg\n" + long_line + b"\nb.jpg\n", 65536)
+    paths = list(iter_input_paths(["-"], stdin=stream))
+    assert paths == ["a.jpg", long_line.decode(), "b.jpg"]
+    assert _Counted.work <= 3 * len(stream.data), _Counted.work  # the old re-split of the whole buffer: ~33x
