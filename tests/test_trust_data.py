@@ -96,6 +96,35 @@ def test_predictions_csv_keeps_names_that_are_not_utf8(tmp_path):
     assert lines[1] == b"/data/caf\xe9/gr\xfcn.png,caf\xe9,caf\xe9,0.900000,0.900000,0.100000,true"
 
 
+def test_finetune_with_file_names_that_are_not_utf8(tmp_path, cli):
+    data = make_class_folder(tmp_path / "d", per_class=6, classes=("red", "green"))
+    for i, png in enumerate(sorted((data / "green").iterdir())):  # every green image: some land in validation
+        png.rename(bytes_name(data / "green", b"gr\xfcn_%d.png" % i))
+    bytes_name(data / "red", b"notes\xff.txt").write_text("not an image")
+    res = cli("finetune", data, *FAST, "--output", tmp_path / "run")
+    assert res.code == 0, res.err
+    run = tmp_path / "run"
+    assert b"ignored\tred/notes\xff.txt\tnot an image\n" in (run / "skipped.txt").read_bytes()
+    assert b"/green/gr\xfcn_" in (run / "predictions.csv").read_bytes()
+    metrics = json.loads((run / "metrics.json").read_bytes().decode("ascii"))
+    assert "temperature_source" in metrics  # calibration ran: the run finished after writing predictions.csv
+    (run / "report.html").read_bytes().decode("utf-8")  # valid UTF-8 whatever the names
+    json.loads((run / "run.json").read_bytes().decode("ascii"))
+    assert torch.load(run / "best.pt", weights_only=True)["temperature"] == metrics["temperature"]
+    assert "notes\\xff.txt" in res.err  # stderr shows the byte, not a replacement character
+
+
+@pytest.mark.xfail(strict=True, reason="plots.py draws class names with matplotlib, which refuses lone surrogates "
+                                       "(TypeError in FT2Font.set_text); needs fileio.shown_name in plots._short")
+def test_finetune_with_a_class_name_that_is_not_utf8(tmp_path, cli):
+    data = make_class_folder(tmp_path / "d", per_class=6, classes=("red", "green"))
+    (data / "red").rename(bytes_name(data, b"r\xe9d"))
+    res = cli("finetune", data, *FAST, "--output", tmp_path / "run")
+    assert res.code == 0, res.err
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["classes"] == ["green", os.fsdecode(b"r\xe9d")]
+    assert b"r\xe9d" in (tmp_path / "run" / "predictions.csv").read_bytes()
+
+
 def test_checkpoint_and_check_cache_keep_names_that_are_not_utf8(tmp_path):
     """Guards (these already worked): the two writers that are not text files."""
     from rescli import images
@@ -115,7 +144,50 @@ def test_checkpoint_and_check_cache_keep_names_that_are_not_utf8(tmp_path):
     assert images._read_cache(cache_file).keys() == {str(png)}  # read back as the very same name: a cache hit
 
 
+# --- 10: a cache folder that cannot be made -----------------------------------------------------------------------
+
+
+def test_unusable_cache_folder_warns_once_and_goes_on(tmp_path, cli, monkeypatch):
+    data = make_class_folder(tmp_path / "d", per_class=4, classes=("red", "green"))
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("RESCLI_CACHE_DIR", str(blocker / "rescli"))  # mkdir under a regular file: ENOTDIR
+    for args in (["dataset", data], ["finetune", data, *FAST, "--output", tmp_path / "run"]):
+        res = cli(*args)
+        assert res.code == 0, res.err
+        assert res.err.count("warning:") == 1 and "no image check cache" in res.err, res.err
+        assert "RESCLI_CACHE_DIR" in res.err and "Traceback" not in res.err
+
+
+def test_no_home_folder_at_all_is_not_fatal(tmp_path, monkeypatch):
+    import pwd
+
+    from rescli.data import scan_dataset
+
+    data = make_class_folder(tmp_path / "d", per_class=2, classes=("red", "green"))
+    for var in ("RESCLI_CACHE_DIR", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_entry(uid):
+        raise KeyError(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)  # Path.home() then raises RuntimeError
+    index = scan_dataset(data, val_split=0.0)
+    assert index.counts("train") == {"green": 2, "red": 2}
+
+
 # --- 11: FIFOs and devices -----------------------------------------------------------------------------------------
+
+
+def test_fifo_named_like_an_image_is_ignored_never_opened(tmp_path):
+    from rescli.data import scan_dataset
+
+    data = make_class_folder(tmp_path / "d", per_class=2, classes=("red", "green"))
+    fifos = [make_fifo(data / "red" / "x.jpg"), make_fifo(data / "green" / "pipe")]
+    index = finishes(lambda: scan_dataset(data, val_split=0.0), fifos=fifos)
+    assert index.counts("train") == {"green": 2, "red": 2} and index.broken == {}
+    assert index.ignored_reasons["red/x.jpg"] == "a named pipe (FIFO), not a regular file"
+    assert index.ignored_reasons["green/pipe"] == "a named pipe (FIFO), not a regular file"
 
 
 def test_image_readers_refuse_fifos_and_devices_without_blocking(tmp_path):
@@ -213,3 +285,93 @@ def test_one_very_long_stdin_line_is_read_in_one_pass():
     paths = list(iter_input_paths(["-"], stdin=stream))
     assert paths == ["a.jpg", long_line.decode(), "b.jpg"]
     assert _Counted.work <= 3 * len(stream.data), _Counted.work  # the old re-split of the whole buffer: ~33x
+
+
+# --- 15c: a class named "train" ----------------------------------------------------------------------------------
+
+
+def test_a_class_named_train_is_a_class_not_a_split(tmp_path):
+    from rescli.data import scan_dataset
+
+    data = tmp_path / "vehicles"
+    make_class_folder(data, per_class=4, classes=("red", "green"))
+    (data / "red").rename(data / "train")  # pictures of trains, beside pictures of buses
+    (data / "green").rename(data / "bus")
+    index = scan_dataset(data)
+    assert index.layout == "class-folders" and index.classes == ["bus", "train"]
+    assert sum(index.counts("train").values()) + sum(index.counts("val").values()) == 8
+
+
+def test_split_root_is_still_a_split_root(tmp_path):
+    from rescli.data import scan_dataset
+
+    index = scan_dataset(make_split_folder(tmp_path / "s", with_test=False))
+    assert index.layout == "split-folders" and index.classes == ["blue", "green", "red"]
+
+
+# --- 15d: a class without a validation image ------------------------------------------------------------------------
+
+
+def test_a_one_image_class_is_warned_of_by_name(tmp_path, cli):
+    from rescli.data import scan_dataset
+    from rescli.dataset import describe_dataset
+
+    data = make_class_folder(tmp_path / "d", per_class=5, classes=("red", "green"))
+    make_class_folder(data, per_class=1, classes=("blue",))
+    index = scan_dataset(data)
+    assert index.counts("val")["blue"] == 0
+    assert len(index.warnings) == 1 and "class 'blue' has only one image (blue/img_000.png)" in index.warnings[0]
+    assert describe_dataset(data)["warnings"] == index.warnings
+
+    table = cli("dataset", data)
+    assert table.code == 0 and "class 'blue' has only one image" in table.out
+    res = cli("finetune", data, *FAST, "--output", tmp_path / "run")
+    assert res.code == 0, res.err
+    assert res.err.count("warning: class 'blue' has only one image") == 1
+
+
+def test_a_class_missing_from_val_folder_is_warned_of(tmp_path):
+    from rescli.data import scan_dataset
+
+    root = make_split_folder(tmp_path / "s", with_test=False)
+    for png in (root / "val" / "blue").iterdir():
+        png.unlink()
+    (root / "val" / "blue").rmdir()
+    index = scan_dataset(root)
+    assert index.warnings == ["class 'blue' has no validation images (in val): validation never measures it"]
+    assert scan_dataset(make_split_folder(tmp_path / "ok", with_test=False)).warnings == []
+
+
+# --- 15f: links between class folders ------------------------------------------------------------------------------
+
+
+def test_a_link_to_a_sibling_class_counts_its_images_once_and_says_so(tmp_path):
+    from rescli.data import scan_dataset
+
+    data = make_class_folder(tmp_path / "d", per_class=3, classes=("red", "green"))
+    try:
+        (data / "crimson").symlink_to(data / "red", target_is_directory=True)  # a second name for a class
+        (data / "green" / "more").symlink_to(data / "red", target_is_directory=True)  # a class inside another
+    except OSError:
+        pytest.skip("no symlinks here")
+    index = scan_dataset(data, val_split=0.0)
+    assert index.classes == ["green", "red"] and index.counts("train") == {"green": 3, "red": 3}
+    assert index.ignored_reasons == {
+        "crimson": "link to class folder red (its images count once, in red)",
+        "green/more": "link into class folder red (its images count once, in red)",
+    }
+
+
+def test_a_linked_class_folder_outside_the_data_folder_is_still_a_class(tmp_path):
+    from rescli.data import scan_dataset
+
+    data = make_class_folder(tmp_path / "d", per_class=2, classes=("red",))
+    elsewhere = make_class_folder(tmp_path / "pool", per_class=2, classes=("green",))
+    try:
+        (data / "green").symlink_to(elsewhere / "green", target_is_directory=True)
+        (data / "lime").symlink_to(elsewhere / "green", target_is_directory=True)  # the same folder twice
+    except OSError:
+        pytest.skip("no symlinks here")
+    index = scan_dataset(data, val_split=0.0)
+    assert index.counts("train") == {"green": 2, "red": 2}
+    assert index.ignored_reasons == {"lime": "link to class folder green (its images count once, in green)"}
