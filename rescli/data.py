@@ -19,8 +19,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from rescli.console import warn
 from rescli.errors import RescliError, UsageError
-from rescli.images import ImageInfo, cache_file_for, check_images, is_clutter, is_hidden, load_rgb, looks_like_image
+from rescli.fileio import shown_name
+from rescli.images import (
+    ImageInfo, cache_file_for, check_images, is_clutter, is_hidden, load_rgb, looks_like_image, special_file,
+)
 
 SPLIT_ALIASES = {
     "train": ("train", "training"),
@@ -40,11 +44,18 @@ class ClassFolderScan:
     files: dict[str, list[Path]]  # class name -> image files (by content or extension, not yet decoded), sorted
     ignored: list[Path] = field(default_factory=list)  # non-images, hidden things, loose files (never clutter)
     empty: list[str] = field(default_factory=list)  # sub-folders without a single image
+    reasons: dict[Path, str] = field(default_factory=dict)  # ignored path -> why, where _why_ignored cannot tell
 
 
-def _walk_files(folder: Path, ignored: list[Path]) -> Iterable[Path]:
-    """Files under ``folder``, sorted, following links once. Clutter is skipped silently; hidden things go to ``ignored``."""
+def _walk_files(
+    folder: Path, ignored: list[Path], reasons: dict[Path, str], *, class_roots: dict[str, str] | None = None
+) -> Iterable[Path]:
+    """Files under ``folder``, sorted, following links once. Clutter is skipped silently; hidden things go to
+    ``ignored``. ``class_roots`` maps the real paths of all class folders to their names: a link that leads into
+    another class's folder is named as ignored instead of read, so no image counts twice (and in two classes).
+    """
     seen: set[str] = set()
+    roots = class_roots or {}
 
     def unreadable(exc: OSError) -> None:  # a folder we may not list would otherwise vanish without a word
         if exc.filename:
@@ -56,6 +67,12 @@ def _walk_files(folder: Path, ignored: list[Path]) -> Iterable[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
+        owner = _class_holding(real, roots)
+        if owner is not None and owner != folder.name:
+            dirnames[:] = []
+            ignored.append(Path(dirpath))
+            reasons[Path(dirpath)] = f"link into class folder {owner} (its images count once, in {owner})"
+            continue
         keep = []
         for d in sorted(dirnames):
             if is_clutter(d):  # .git, __MACOSX, .ipynb_checkpoints, @eaDir: never data, never worth a line
@@ -75,17 +92,29 @@ def _walk_files(folder: Path, ignored: list[Path]) -> Iterable[Path]:
             yield path
 
 
+def _class_holding(real: str, class_roots: dict[str, str]) -> str | None:
+    """The name of the class whose folder (a real path in ``class_roots``) is ``real`` or holds it, if any."""
+    for root, name in class_roots.items():
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            return name
+    return None
+
+
 def scan_class_folders(root: Path) -> ClassFolderScan:
     """Sort what is under ``root`` into class folders of images, ignored files, and folders without images.
 
     A file counts as an image when its content or its extension says so (``images.looks_like_image``); whether it
-    really decodes is checked later, so a zero-byte ``.jpg`` ends up reported as broken rather than ignored.
+    really decodes is checked later, so a zero-byte ``.jpg`` ends up reported as broken rather than ignored. Only
+    regular files are images: a FIFO, device or socket is named as ignored and never opened (reading a FIFO waits
+    forever). A class folder that is a link to another one, or a link inside one leading into another, is named as
+    ignored: each image is counted once, in the class whose folder really holds it.
     """
     scan = ClassFolderScan(root=root, files={})
     try:
         entries = sorted(root.iterdir())
     except OSError as exc:
         raise RescliError(f"{root}: cannot read folder ({exc.strerror or exc})") from None
+    folders: list[Path] = []
     for entry in entries:
         if is_clutter(entry.name):
             continue
@@ -93,7 +122,21 @@ def scan_class_folders(root: Path) -> ClassFolderScan:
             # Loose files beside the class folders belong to no class; hidden folders are nobody's class.
             scan.ignored.append(entry)
             continue
-        images = [p for p in _walk_files(entry, scan.ignored) if _is_image_file(p, scan.ignored)]
+        folders.append(entry)
+    class_roots: dict[str, str] = {}  # real path -> class name
+    classes: list[Path] = []
+    for entry in sorted(folders, key=lambda e: e.is_symlink()):  # real folders first: a link never displaces its target
+        real = os.path.realpath(entry)
+        owner = _class_holding(real, class_roots)
+        if owner is not None:
+            scan.ignored.append(entry)
+            scan.reasons[entry] = f"link to class folder {owner} (its images count once, in {owner})"
+            continue
+        class_roots[real] = entry.name
+        classes.append(entry)
+    for entry in sorted(classes):
+        walked = _walk_files(entry, scan.ignored, scan.reasons, class_roots=class_roots)
+        images = [p for p in walked if _is_image_file(p, scan.ignored, scan.reasons)]
         if images:
             scan.files[entry.name] = images
         else:
@@ -101,7 +144,12 @@ def scan_class_folders(root: Path) -> ClassFolderScan:
     return scan
 
 
-def _is_image_file(path: Path, ignored: list[Path]) -> bool:
+def _is_image_file(path: Path, ignored: list[Path], reasons: dict[Path, str]) -> bool:
+    kind = special_file(path)
+    if kind:
+        ignored.append(path)
+        reasons[path] = f"{kind}, not a regular file"
+        return False
     if looks_like_image(path):
         return True
     ignored.append(path)
@@ -123,6 +171,22 @@ def find_split_folders(root: Path) -> dict[str, Path]:
     return found
 
 
+def split_layout_folders(root: Path) -> dict[str, Path]:
+    """find_split_folders, or {} where ``root`` is not a split root: its train/ holds images but no class folders,
+    so it is a class named "train" (pictures of trains, say), beside the others."""
+    found = find_split_folders(root)
+    if "train" in found and not _holds_folders(found["train"]):
+        return {}
+    return found
+
+
+def _holds_folders(folder: Path) -> bool:
+    try:
+        return any(p.is_dir() and not is_clutter(p.name) and not is_hidden(p.name) for p in folder.iterdir())
+    except OSError:
+        return False
+
+
 @dataclass
 class DatasetIndex:
     """Everything known about a data folder: classes, samples per split, and what was left out."""
@@ -138,6 +202,7 @@ class DatasetIndex:
     infos: dict[str, ImageInfo] = field(default_factory=dict)  # absolute path -> check result
     split_files: dict[str, dict[str, list[Path]]] = field(default_factory=dict)  # split -> class -> files
     split_roots: dict[str, Path] = field(default_factory=dict)  # split -> the folder holding its class folders
+    warnings: list[str] = field(default_factory=list)  # what may mislead: a class no validation image measures
 
     def rel(self, path: str | Path) -> str:
         try:
@@ -171,7 +236,7 @@ def scan_dataset(
     if not 0.0 <= val_split < 1.0:
         raise UsageError(f"--val-split {val_split}: expected a fraction in [0, 1)")
 
-    split_dirs = find_split_folders(root)
+    split_dirs = split_layout_folders(root)
     if "train" in split_dirs:
         layout = "split-folders"
         scans = {split: scan_class_folders(path) for split, path in split_dirs.items()}
@@ -181,6 +246,7 @@ def scan_dataset(
 
     index = DatasetIndex(root=root, layout=layout, classes=[], splits={})
     ignored: list[Path] = []
+    reasons: dict[Path, str] = {}
     if layout == "split-folders":  # whatever sits beside train/ and val/ is in no split: say so, never drop it silently
         used = set(split_dirs.values())
         try:
@@ -189,11 +255,14 @@ def scan_dataset(
             raise RescliError(f"{root}: cannot read folder ({exc.strerror or exc})") from None
     for split, scan in scans.items():
         ignored += scan.ignored
+        reasons.update(scan.reasons)
         index.empty_classes += [index.rel(scan.root / name) for name in scan.empty]
         index.split_files[split] = scan.files
         index.split_roots[split] = scan.root
     index.ignored = sorted(index.rel(p) for p in ignored)
-    index.ignored_reasons = {index.rel(p): _why_ignored(p, set(index.split_roots.values())) for p in ignored}
+    index.ignored_reasons = {
+        index.rel(p): reasons.get(p) or _why_ignored(p, set(index.split_roots.values())) for p in ignored
+    }
 
     if check:
         _check_all(index, strict=strict, cache=cache, workers=workers, progress=progress)
@@ -224,7 +293,30 @@ def scan_dataset(
         index.splits = {"train": train, "val": val, **({"test": labelled["test"]} if "test" in labelled else {})}
     if not index.splits["train"]:
         raise RescliError(f"{root}: no training images left after the validation split")
+    index.warnings += _unmeasured_classes(index)
     return index
+
+
+def _unmeasured_classes(index: DatasetIndex) -> list[str]:
+    """A warning for each class that has training images but no validation image while others have some: its
+    accuracy is never measured, and nothing else would say so (the split gives a one-image class to training)."""
+    val = index.counts("val")
+    if not any(val.values()):
+        return []
+    train = index.counts("train")
+    out = []
+    for cls in index.classes:
+        if val[cls] or not train[cls]:
+            continue
+        name = shown_name(cls)
+        if index.layout == "class-folders" and train[cls] == 1:
+            path = next(shown_name(index.rel(p)) for p, y in index.splits["train"] if index.classes[y] == cls)
+            out.append(f"class '{name}' has only one image ({path}): it goes to training, so no validation image "
+                       f"measures '{name}'; add images to it")
+        else:
+            where = shown_name(index.rel(index.split_roots.get("val", index.root)))
+            out.append(f"class '{name}' has no validation images (in {where}): validation never measures it")
+    return out
 
 
 def _why_ignored(path: Path, class_roots: set[Path]) -> str:
@@ -243,10 +335,7 @@ def _why_ignored(path: Path, class_roots: set[Path]) -> str:
 def _check_all(index: DatasetIndex, *, strict: bool, cache: bool, workers: int | None, progress) -> None:
     """Decode every image once; broken ones leave the index and are reported by name."""
     paths = [str(p) for files in index.split_files.values() for fs in files.values() for p in fs]
-    cache_file = None
-    if cache:
-        cache_file = cache_file_for(index.root)
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file = _usable_cache_file(index.root) if cache else None
     done = 0
 
     def tick(n: int) -> None:
@@ -273,6 +362,22 @@ def _check_all(index: DatasetIndex, *, strict: bool, cache: bool, workers: int |
             else:  # only broken files: not a class (each broken file is reported on its own)
                 index.empty_classes.append(index.rel(index.split_roots.get(split, index.root) / cls))
         index.split_files[split] = kept
+
+
+def _usable_cache_file(root: Path) -> Path | None:
+    """Where check results for ``root`` are cached, or None, with one warning, where that cannot be: the cache only
+    saves time, so a read-only or missing home or cache folder must not stop a run."""
+    where = "the cache folder"
+    try:
+        cache_file = cache_file_for(root)
+        where = str(cache_file.parent)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        return cache_file
+    except (OSError, RuntimeError, KeyError) as exc:  # RuntimeError/KeyError: Path.home() finding no home
+        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        warn(f"no image check cache ({shown_name(where)}: {why}); every image is checked again on each run. "
+             f"Set RESCLI_CACHE_DIR to a writable folder to keep the results")
+        return None
 
 
 def stratified_split(
@@ -302,6 +407,8 @@ def eval_samples(
     """Samples to evaluate a model with ``classes`` on: a class folder, or one split of a split root."""
     root = Path(root).expanduser()
     split_dirs = find_split_folders(root) if root.is_dir() else {}
+    if "train" in split_dirs and not split_layout_folders(root):  # a class named train, not a split
+        split_dirs = {}
     if split is not None and split not in SPLIT_ALIASES:
         raise UsageError(f"--split {split!r}: expected train, val or test")
     if split_dirs and "train" in split_dirs:

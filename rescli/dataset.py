@@ -11,6 +11,7 @@ import os
 from typing import Any, Callable
 
 from rescli import data
+from rescli.fileio import shown_name
 
 SPLIT_ORDER = ("train", "val", "test")
 
@@ -26,7 +27,8 @@ def describe_dataset(
     """A JSON-able report of ``data_dir``; raises RescliError where `finetune` would refuse the folder.
 
     Keys: root, layout, classes (name -> usable images over all splits), splits (split -> name -> count), images,
-    broken (relative paths), broken_reasons, ignored, ignored_reasons, empty_classes, sizes, imbalance_ratio, duplicates.
+    broken (relative paths), broken_reasons, ignored, ignored_reasons, empty_classes, sizes, imbalance_ratio,
+    duplicates, warnings (what finetune would warn of: a class that no validation image measures).
     """
     index = data.scan_dataset(data_dir, val_split=val_split, seed=seed, workers=workers, progress=progress)
     splits = {s: index.counts(s) for s in SPLIT_ORDER if s in index.splits}
@@ -61,6 +63,7 @@ def describe_dataset(
         "sizes": sizes,
         "imbalance_ratio": imbalance,
         "duplicates": find_duplicates(index, used),
+        "warnings": list(index.warnings),
     }
 
 
@@ -106,16 +109,19 @@ def find_duplicates(index: data.DatasetIndex, used: list[tuple[str, str, str]]) 
 def tables(report: dict[str, Any]) -> list[Any]:
     """The report as rich tables for people (the CLI prints them; programs use the JSON)."""
     from rich.table import Table
-    from rich.text import Text  # file and class names are shown as they are, never read as rich markup
+    from rich.text import Text
+
+    def shown(name: str) -> Text:  # file and class names as they are (never rich markup); bytes not UTF-8 as \xNN
+        return Text(shown_name(name))
 
     splits = list(report["splits"])
-    counts = Table(title=f"{report['root']} ({report['layout']})")
+    counts = Table(title=shown(f"{report['root']} ({report['layout']})"))
     counts.add_column("class")
     for split in splits:
         counts.add_column(split, justify="right")
     counts.add_column("total", justify="right")
     for name, total in report["classes"].items():
-        counts.add_row(Text(name), *(str(report["splits"][s][name]) for s in splits), str(total))
+        counts.add_row(shown(name), *(str(report["splits"][s][name]) for s in splits), str(total))
     counts.add_row("all", *(str(sum(report["splits"][s].values())) for s in splits), str(report["images"]), style="bold")
 
     summary = Table(show_header=False, title="summary")
@@ -124,10 +130,10 @@ def tables(report: dict[str, Any]) -> list[Any]:
     summary.add_row("broken images (skipped)", str(len(report["broken"])))
     summary.add_row("ignored files", str(len(report["ignored"])))
     if report["empty_classes"]:
-        summary.add_row("not classes (no usable images)", Text(", ".join(report["empty_classes"])))
+        summary.add_row("not classes (no usable images)", shown(", ".join(report["empty_classes"])))
     summary.add_row("width range (px)", "{} - {}".format(*sizes["width"]))
     summary.add_row("height range (px)", "{} - {}".format(*sizes["height"]))
-    summary.add_row("smallest image", Text("{path} ({width}x{height})".format(**sizes["smallest"])))
+    summary.add_row("smallest image", shown("{path} ({width}x{height})".format(**sizes["smallest"])))
     summary.add_row("class imbalance (largest / smallest)", f"{report['imbalance_ratio']:.2f}")
     kinds = [g["kind"] for g in report["duplicates"]]
     summary.add_row(
@@ -137,25 +143,34 @@ def tables(report: dict[str, Any]) -> list[Any]:
     )
     out: list[Any] = [counts, summary]
 
+    if report.get("warnings"):
+        warnings = Table(title="warnings (finetune shows them too)", show_header=False)
+        warnings.add_column(overflow="fold")
+        for message in report["warnings"]:
+            warnings.add_row(shown(message))
+        out.append(warnings)
+
     if report["broken"]:
         broken = Table(title="broken images (finetune skips them; --strict stops on them)")
         broken.add_column("path")
         broken.add_column("problem")
         for path, why in report["broken_reasons"].items():
-            broken.add_row(Text(path), Text(why))
+            broken.add_row(shown(path), shown(why))
         out.append(broken)
     if report["ignored"]:
-        ignored = Table(title="ignored (not images, hidden, or outside any class folder)")
+        ignored = Table(title="ignored (not images or not regular files, hidden, outside any class folder, or counted "
+                              "elsewhere)")
         ignored.add_column("path")
         ignored.add_column("why")
         for path, why in report["ignored_reasons"].items():
-            ignored.add_row(Text(path), why)
+            ignored.add_row(shown(path), shown(why))
         out.append(ignored)
     if report["duplicates"]:
         dups = Table(title="identical files")
         for col in ("kind", "files", "classes", "splits"):
             dups.add_column(col)
         for g in report["duplicates"]:
-            dups.add_row(g["kind"], Text("\n".join(g["paths"])), Text(", ".join(g["classes"])), ", ".join(g["splits"]))
+            dups.add_row(g["kind"], shown("\n".join(g["paths"])), shown(", ".join(g["classes"])),
+                         ", ".join(g["splits"]))
         out.append(dups)
     return out

@@ -140,6 +140,8 @@ def metrics_from(ev: EvalResult, classes: list[str], *, temperature: float = 1.0
 # --- files -----------------------------------------------------------------------------------------------
 
 def write_predictions_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One row per image. Paths and class names that are not UTF-8 are written as their original bytes (fileio's
+    "raw" for .csv), so each path still names its file, as `find` or `ls` would print it."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     fields = ["path", "true", "predicted", "score", "true_score", "loss", "correct"]

@@ -13,7 +13,7 @@ import math
 import os
 import pathlib
 import re
-import tempfile
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -59,7 +59,7 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: entries are keyed on inode and ctime too
 
 
 class ImageError(RescliError):
@@ -79,6 +79,63 @@ def _fail(path: str, reason: str) -> ImageError:
 
 def _name(path: str | os.PathLike) -> str:
     return os.fsdecode(os.fspath(path))
+
+
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def special_kind(mode: int) -> str | None:
+    """What a file that is neither a regular file nor a folder is ("a named pipe (FIFO)", ...); None for those two."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return next((kind for test, kind in _SPECIAL_KINDS if test(mode)), "not a regular file")
+
+
+def special_file(path: str | os.PathLike) -> str | None:
+    """special_kind of what ``path`` names (links followed); None for a regular file, a folder, or nothing at all."""
+    try:
+        return special_kind(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return None
+
+
+def not_regular_reason(kind: str) -> str:
+    return f"not a regular file but {kind}; only regular files are read as images"
+
+
+class _NotRegular(OSError):
+    """Raised by _open_regular for a FIFO, device or socket, which it never reads."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _open_regular(path: str | os.PathLike) -> IO[bytes]:
+    """``open(path, "rb")`` for regular files only: reading a FIFO waits for a writer forever (and a device may never
+    end), so anything else raises _NotRegular without a byte read. The stat before the open keeps devices unopened;
+    the non-blocking open and the fstat after it close the gap in which the name could be swapped for a FIFO."""
+    kind = special_file(path)
+    if kind:
+        raise _NotRegular(kind)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), _name(path))
+        kind = special_kind(mode)
+        if kind:
+            raise _NotRegular(kind)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 # --- cheap classification by name and header -------------------------------------------------------------------
@@ -119,7 +176,7 @@ def _sniff_unsupported(head: bytes) -> str | None:
 def sniff_format(path: str | os.PathLike) -> str | None:
     """The Pillow format name the file's first bytes announce (not its extension), or None."""
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             return _sniff_bytes(f.read(32))
     except OSError:
         return None
@@ -138,11 +195,14 @@ def looks_like_image(path: str | os.PathLike) -> bool:
 
     Scanning uses this to split files into images (checked; broken ones are reported by name) and everything else
     (ignored). A zero-byte ``.jpg`` or a note saved as ``photo.png`` is a broken image, not an ignored file.
+    Only regular files are images: a FIFO or device named ``x.jpg`` is not (and is never opened).
     """
+    if special_file(path):
+        return False
     if pathlib.PurePath(_name(path)).suffix.lower() in IMAGE_EXTENSIONS:
         return True
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             head = f.read(32)
     except OSError:
         return False
@@ -297,7 +357,9 @@ def _decode_steps(f: IO[bytes], path: str, draft_size: int | None) -> Image.Imag
 
 def _open_file(path: str | os.PathLike) -> IO[bytes]:
     try:
-        return open(path, "rb")
+        return _open_regular(path)
+    except _NotRegular as exc:
+        raise _fail(_name(path), not_regular_reason(exc.kind)) from None
     except OSError as exc:
         reason = {
             errno.ENOENT: "file not found",
@@ -322,7 +384,7 @@ def plain_jpeg_bytes(path: str | os.PathLike) -> bytearray | None:
     upright (no EXIF rotation to apply), within the pixel limit. None for anything else, and for files that
     cannot be read: load_rgb then decodes those, or names what is wrong with them."""
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             raw = bytearray(os.fstat(f.fileno()).st_size)
             if f.readinto(raw) != len(raw):
                 return None
@@ -392,8 +454,14 @@ def _read_cache(cache_file: str | os.PathLike) -> dict:
     return {}
 
 
+def _stat_key(st: os.stat_result) -> dict[str, int]:
+    """What must be unchanged for a cached result to stand. Size and mtime miss a chmod (and a file replaced by one
+    with the same size and mtime, as ``cp -p`` or rsync leave it); the inode number and ctime change then too."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+
+
 def _from_cache(entry: object, name: str, st: os.stat_result) -> ImageInfo | None:
-    if not isinstance(entry, dict) or entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
+    if not isinstance(entry, dict) or any(entry.get(k) != v for k, v in _stat_key(st).items()):
         return None
     try:
         info = ImageInfo(name, entry["ok"], entry["error"], entry["width"], entry["height"], entry["sha1"])
@@ -404,20 +472,14 @@ def _from_cache(entry: object, name: str, st: os.stat_result) -> ImageInfo | Non
 
 
 def _write_cache(cache_file: str | os.PathLike, entries: dict) -> None:
+    from rescli.fileio import atomic_write_text
+
     target = pathlib.Path(cache_file)
-    tmp = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({**_cache_stamp(), "entries": entries}, fh)
-        os.replace(tmp, target)
+        # ensure_ascii: file names that are not UTF-8 are kept as \udcNN escapes, which json.load gives back exactly.
+        atomic_write_text(target, json.dumps({**_cache_stamp(), "entries": entries}, ensure_ascii=True),
+                          undecodable="json")
     except OSError as exc:  # a cache we cannot write only costs time next run
-        if tmp:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
         from rescli.console import warn
 
         warn(f"could not write image check cache {target}: {exc.strerror or exc}")
@@ -437,7 +499,7 @@ def check_images(
     cache_file: str | os.PathLike | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, ImageInfo]:
-    """check_image() for many files in parallel, reusing cached results for files whose size and mtime are unchanged.
+    """check_image() for many files in parallel, reusing cached results for files whose stat is unchanged (_stat_key).
 
     Returns {path as given (str): ImageInfo} in input order. ``progress(n)`` is called from this thread.
     """
@@ -486,8 +548,7 @@ def check_images(
     finally:
         if cache_file is not None:  # also after an interrupt, so finished work is not redone
             entries = {
-                stats[name][0]: {"size": stats[name][1].st_size, "mtime_ns": stats[name][1].st_mtime_ns,
-                                 **{k: v for k, v in asdict(info).items() if k != "path"}}
+                stats[name][0]: {**_stat_key(stats[name][1]), **{k: v for k, v in asdict(info).items() if k != "path"}}
                 for name, info in results.items()
                 if name in stats and info.sha1  # unreadable files (permissions, I/O errors) may be fine next time
             }

@@ -283,22 +283,28 @@ def _folder(item: str) -> Iterator[str]:
 def _read_paths(stream: IO, *, null_separated: bool) -> Iterator[str]:
     raw = getattr(stream, "buffer", stream)  # bytes when we can: file names need not be UTF-8
     read = getattr(raw, "read1", None) or raw.read  # read1: take what has arrived, do not wait for a full chunk
-    buf = None
+    # The unfinished item is kept as a list of the chunks it spans and joined once, when its separator comes: only
+    # each new chunk is searched, so one 32 MB line costs one pass, not a re-split of all of it per 64 KB chunk.
+    pending: list = []
     first = True
     while True:
         chunk = read(65536)
         if not chunk:
             break
-        buf = chunk if buf is None else buf + chunk
-        sep = (b"\0" if null_separated else b"\n") if isinstance(buf, bytes) else ("\0" if null_separated else "\n")
-        *items, buf = buf.split(sep)
+        sep = ("\0" if null_separated else "\n") if isinstance(chunk, str) else (b"\0" if null_separated else b"\n")
+        *items, rest = chunk.split(sep)
+        if items:
+            items[0] = chunk[:0].join([*pending, items[0]])
+            pending = []
+        if rest:
+            pending.append(rest)
         for item in items:
             path = _clean_path(item, null_separated=null_separated, first=first)
             first = False
             if path:
                 yield path
-    if buf:
-        path = _clean_path(buf, null_separated=null_separated, first=first)
+    if pending:
+        path = _clean_path(pending[0][:0].join(pending), null_separated=null_separated, first=first)
         if path:
             yield path
 
@@ -315,13 +321,18 @@ def _clean_path(item: bytes | str, *, null_separated: bool, first: bool) -> str 
 
 
 def _images_under(folder: Path) -> Iterator[str]:
+    from rescli.images import not_regular_reason, special_file
+
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not is_hidden(d) and not is_clutter(d))
         for name in sorted(filenames):
             if is_hidden(name) or is_clutter(name):
                 continue
             path = os.path.join(dirpath, name)
-            if looks_like_image(path):  # by content or extension: a zero-byte photo.jpg becomes an error row, not silence
+            kind = special_file(path)
+            if kind:  # a FIFO would hang whoever opened it: named in an error row, never read
+                yield BadInput(path, not_regular_reason(kind))
+            elif looks_like_image(path):  # by content or extension: a zero-byte photo.jpg becomes an error row
                 yield path
 
 

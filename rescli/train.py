@@ -1039,18 +1039,33 @@ def _save(ckpt: dict[str, Any], path: Path) -> None:
 
 
 def report_scan(index: data.DatasetIndex, run_dir: Path | None) -> None:
-    """Name every skipped file once on stderr, and list them in run_dir/skipped.txt."""
+    """Name every skipped file once on stderr, and list them in run_dir/skipped.txt; warn of what index.warnings holds.
+
+    skipped.txt is a path list: names that are not UTF-8 keep their bytes (fileio), so each line names its file;
+    a tab or line break inside a name is written as \\t, \\n or \\r so that a name cannot split its line.
+    """
+    from rescli.fileio import shown_name  # stderr shows undecodable bytes as \\xNN
+
+    for message in index.warnings:
+        console.warn(message)
     for rel, why in index.broken.items():
-        console.warn(f"skipped broken image {rel}: {why}")
+        console.warn(f"skipped broken image {shown_name(rel)}: {why}")
     if index.empty_classes:
-        console.info(f"not a class (no usable images): {', '.join(sorted(set(index.empty_classes)))}")
+        empty = ", ".join(shown_name(c) for c in sorted(set(index.empty_classes)))
+        console.info(f"not a class (no usable images): {empty}")
     if index.ignored:
-        shown = ", ".join(index.ignored[:5]) + (f" (+{len(index.ignored) - 5} more)" if len(index.ignored) > 5 else "")
-        console.info(f"ignored {len(index.ignored)} file(s) that are not images or not in a class folder: {shown}")
+        shown = ", ".join(map(shown_name, index.ignored[:5]))
+        more = f" (+{len(index.ignored) - 5} more)" if len(index.ignored) > 5 else ""
+        console.info(f"ignored {len(index.ignored)} file(s) that are not images or not in a class folder: "
+                     f"{shown}{more}")
     if run_dir is not None:
-        lines = [f"broken\t{rel}\t{why}" for rel, why in index.broken.items()]
-        lines += [f"ignored\t{rel}\t{index.ignored_reasons.get(rel, 'not an image')}" for rel in index.ignored]
-        lines += [f"empty\t{rel}\tno usable images" for rel in sorted(set(index.empty_classes))]
+        def one_line(text: str) -> str:
+            return text.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+        lines = [f"broken\t{one_line(rel)}\t{one_line(why)}" for rel, why in index.broken.items()]
+        lines += [f"ignored\t{one_line(rel)}\t{one_line(index.ignored_reasons.get(rel, 'not an image'))}"
+                  for rel in index.ignored]
+        lines += [f"empty\t{one_line(rel)}\tno usable images" for rel in sorted(set(index.empty_classes))]
         atomic_write_text(run_dir / "skipped.txt", "".join(line + "\n" for line in lines))
 
 
