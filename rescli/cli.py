@@ -21,6 +21,7 @@ import typer
 
 from rescli import __version__, console
 from rescli.errors import RescliError
+from rescli.fileio import json_escapes
 
 app = typer.Typer(
     name="rescli",
@@ -606,7 +607,7 @@ def _write_batches(batches, fmt: "PredictFormat", fields: list[str], *, classes:
                 writer.writerow([_cell(row.get(k)) for k in fields])
             else:
                 obj = {k: row[k] for k in fields if k in row} if "error" not in row else {"path": row["path"], "error": row["error"]}
-                text = json.dumps(obj, ensure_ascii=False)
+                text = json_escapes(json.dumps(obj, ensure_ascii=False))  # any file name, valid UTF-8
                 if fmt == PredictFormat.json:
                     out.write(("\n  " if done == 1 else ",\n  ") + text)
                 else:
@@ -869,6 +870,8 @@ def _main() -> None:
             "(> FILE, or > /dev/null to discard them)", markup=False)
         sys.exit(1)
     stdout = sys.stdout
+    if hasattr(stdout, "reconfigure"):  # a file name that is not UTF-8 is printed as its bytes, as ls prints it
+        stdout.reconfigure(errors="surrogateescape")
     sys.stdout = _GuardedStdout(stdout)
     try:
         with _sigterm_interrupts():

@@ -20,27 +20,41 @@ import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
+from rescli.errors import RescliError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temp path beside ``path``; when the block succeeds it replaces ``path`` in one rename."""
+    """Yield a fresh temp path beside ``path``; when the block succeeds it replaces ``path`` in one rename.
+
+    An OSError (a full disk, a read-only folder) names ``path``, not the temp file. A target that exists and is
+    not a regular file (``/dev/null``, a FIFO, a folder) is refused: the rename would replace it.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            # 0o666 & ~umask, like any file the user creates (mkstemp would make it 0600).
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
+    if path.exists() and not path.is_file():
+        raise RescliError(f"{path}: exists and is not a regular file; choose a file name", exit_code=2)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+            try:
+                # 0o666 & ~umask, like any file the user creates (mkstemp would make it 0600).
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                break
+            except FileExistsError:
+                continue
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None or tmp is None or os.fspath(exc.filename) == os.fspath(tmp):
+            raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from None
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -58,6 +72,11 @@ _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 def shown_name(text: str) -> str:
     """A name as people should see it: each byte that is not UTF-8 as ``\\xNN`` (``notes\\xff.txt``)."""
     return _ESCAPED_BYTE.sub(lambda m: f"\\x{ord(m[0]) - 0xDC00:02x}", text)
+
+
+def json_escapes(text: str) -> str:
+    """JSON text with each lone surrogate (a non-UTF-8 byte of a file name) spelled ``\\udcNN``: valid UTF-8 JSON."""
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
 
 
 def encode_text(text: str, *, undecodable: str = "raw") -> bytes:

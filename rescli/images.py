@@ -22,6 +22,7 @@ from typing import IO, Callable, Sequence
 import PIL
 from PIL import Image
 
+from rescli.cpus import available_cpus
 from rescli.errors import RescliError
 
 # MPO is what Pillow calls the multi-picture JPEGs many phones and cameras write.
@@ -485,13 +486,6 @@ def _write_cache(cache_file: str | os.PathLike, entries: dict) -> None:
         warn(f"could not write image check cache {target}: {exc.strerror or exc}")
 
 
-def _default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))  # respects CPU limits of containers and taskset
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
 def check_images(
     paths: Sequence[str | os.PathLike],
     *,
@@ -524,7 +518,7 @@ def check_images(
     if progress and results:
         progress(len(results))
 
-    workers = max(1, workers or _default_workers())
+    workers = max(1, workers or available_cpus())
     try:
         if workers == 1 or len(todo) <= 1:
             for name in todo:

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from rescli.calibration import expected_calibration_error, reliability_bins, softmax
 from rescli.errors import RescliError
-from rescli.fileio import atomic_path
+from rescli.fileio import atomic_path, shown_name
 
 DPI = 100
 _ARROW = "\u2192"
@@ -56,7 +56,7 @@ def _message_figure(path, message: str, *, title: str) -> Path:
 
 
 def _short(text: str, limit: int = 24) -> str:
-    text = str(text)
+    text = shown_name(str(text))  # matplotlib cannot draw the bytes of a name that is not UTF-8
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 

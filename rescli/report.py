@@ -410,7 +410,7 @@ def write_html_report(run_dir: str | os.PathLike, *, output: str | os.PathLike |
     )
     target = Path(output) if output is not None else run_path / "report.html"
     try:
-        atomic_write_text(target, document)
+        atomic_write_text(target, document, undecodable="escape")  # valid UTF-8 whatever the file is called
     except OSError as exc:
         raise RescliError(f"cannot write report to {target}: {exc}") from exc
     return target

@@ -114,8 +114,6 @@ def test_finetune_with_file_names_that_are_not_utf8(tmp_path, cli):
     assert "notes\\xff.txt" in res.err  # stderr shows the byte, not a replacement character
 
 
-@pytest.mark.xfail(strict=True, reason="plots.py draws class names with matplotlib, which refuses lone surrogates "
-                                       "(TypeError in FT2Font.set_text); needs fileio.shown_name in plots._short")
 def test_finetune_with_a_class_name_that_is_not_utf8(tmp_path, cli):
     data = make_class_folder(tmp_path / "d", per_class=6, classes=("red", "green"))
     (data / "red").rename(bytes_name(data, b"r\xe9d"))

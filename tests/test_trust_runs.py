@@ -303,10 +303,24 @@ def test_export_onto_a_full_disk_is_one_line(cli, run_on_data, tmp_path, monkeyp
 
     monkeypatch.setattr(Path, "write_bytes", full)
     res = cli("export", run, "--output", tmp_path / "m.ts")
-    assert res.code == 1 and "No space left on device" in res.err and "Traceback" not in res.err
-    assert len(res.err.strip().splitlines()) == 1
+    assert res.code == 1 and "Traceback" not in res.err
+    assert res.err.strip() == f"error: {tmp_path / 'm.ts'}: No space left on device"  # the file asked for, not a temp
     monkeypatch.undo()
     assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "m.ts").exists()
+
+
+def test_an_output_that_is_not_a_regular_file_is_never_replaced(cli, run_on_data, tmp_path):
+    from rescli.fileio import atomic_write_bytes
+    from rescli.errors import RescliError
+
+    fifo = tmp_path / "m.ts"
+    os.mkfifo(fifo)
+    res = cli("export", run_on_data[1], "--output", fifo)  # as root, /dev/null would have been replaced the same way
+    assert res.code == 2 and "exists and is not a regular file" in res.err
+    assert fifo.is_fifo()
+    with pytest.raises(RescliError, match="not a regular file"):
+        atomic_write_bytes(tmp_path, b"x")
+    assert tmp_path.is_dir()
 
 
 def _rescli(*args: str, **kwargs) -> subprocess.CompletedProcess:
