@@ -77,8 +77,8 @@ def phase_model(args, *, train: bool) -> dict:
     import torch
     from torch import nn
 
-    from rescli.models import create_model
-    from rescli.runtime import select_runtime
+    from rescli.core.runtime import select_runtime
+    from rescli.models.registry import create_model
 
     rt = select_runtime(device=args.device, precision=args.precision)
     model = create_model(f"resnet{args.depth}", 1000).to(rt.device, memory_format=rt.memory_format)
@@ -113,8 +113,9 @@ def phase_model(args, *, train: bool) -> dict:
 
 
 def phase_finetune(args) -> dict:
-    from rescli.runtime import resolve_device
-    from rescli.train import TrainSettings, finetune
+    from rescli.core.runtime import resolve_device
+    from rescli.train.loop import finetune
+    from rescli.train.settings import TrainSettings
 
     out = Path(tempfile.mkdtemp(prefix="rescli-bench-run-"))
     settings = TrainSettings(
@@ -136,10 +137,12 @@ def _count(run: Path) -> int:
 
 
 def phase_predict(args, *, repeat: int = 1) -> dict:
-    from rescli.predict import iter_input_paths, load_predictor, predict_stream
-    from rescli.runtime import resolve_device
-    from rescli.checkpoint import make_checkpoint, save_checkpoint
-    from rescli.models import create_model
+    from rescli.core.runtime import resolve_device
+    from rescli.inference.inputs import iter_input_paths
+    from rescli.inference.load import load_predictor
+    from rescli.inference.stream import predict_stream
+    from rescli.models.checkpoint import make_checkpoint, save_checkpoint
+    from rescli.models.registry import create_model
 
     ckpt_path = Path(tempfile.mkdtemp(prefix="rescli-bench-")) / "m.pt"
     model = create_model(f"resnet{args.depth}", 4)
@@ -163,7 +166,8 @@ def phase_baseline(args) -> dict:
     """What a user writes from the PyTorch tutorial: fp32, NCHW, ImageFolder + ToTensor + Normalize."""
     import torch
     from torch import nn
-    from torchvision import datasets, models, transforms as T
+    from torchvision import datasets, models
+    from torchvision import transforms as T
 
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     tf = T.Compose([T.RandomResizedCrop(args.img_size), T.RandomHorizontalFlip(), T.ToTensor(),
@@ -192,7 +196,8 @@ def phase_baseline(args) -> dict:
 
 
 def phase_head_cached(args) -> dict:
-    from rescli.train import TrainSettings, finetune
+    from rescli.train.loop import finetune
+    from rescli.train.settings import TrainSettings
 
     out = {}
     for label, cache in (("cached", True), ("uncached", False)):
@@ -274,13 +279,13 @@ def main() -> None:
         try:
             plan = None
             if args.phase.startswith(("finetune", "predict")) and not args.phase.endswith("_default"):
-                from rescli.cpus import adapt_to_load  # before torch loads, as the CLI does
+                from rescli.core.cpus import adapt_to_load
 
                 plan = adapt_to_load()
             if args.phase.startswith("predict"):
-                from rescli.cli import _idle_threads_sleep
+                from rescli.core.cpus import let_idle_threads_sleep
 
-                _idle_threads_sleep()
+                let_idle_threads_sleep()
             result = PHASES[args.phase](args)
             if plan is not None:
                 result["threads"] = plan.describe()

@@ -42,7 +42,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def run_one(args, data_dir: Path, run_dir: Path, *, seed: int, precision: str) -> dict:
-    from rescli.train import TrainSettings, finetune
+    from rescli.train.loop import finetune
+    from rescli.train.settings import TrainSettings
 
     settings = TrainSettings(
         data_dir=str(data_dir), arch="resnet18", weights="none", strategy="full", epochs=args.epochs,

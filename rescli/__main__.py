@@ -1,4 +1,4 @@
-from rescli.cli import main
+from rescli.cli.app import main
 
 if __name__ == "__main__":
     main()

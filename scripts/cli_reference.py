@@ -32,7 +32,7 @@ def render(app: Any = None) -> str:
     if app is None:
         if str(ROOT) not in sys.path:  # document this checkout's code, not some other installed rescli
             sys.path.insert(0, str(ROOT))
-        from rescli.cli import app
+        from rescli.cli.app import app
     import typer.main
 
     group = typer.main.get_command(app)
@@ -199,7 +199,7 @@ def check(page: Path = PAGE) -> str | None:
 def write(page: Path = PAGE) -> None:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from rescli.fileio import atomic_write_text
+    from rescli.core.fileio import atomic_write_text
 
     atomic_write_text(page, render())
 

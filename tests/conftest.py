@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rescli.train import StopFlag
+from rescli.train.interrupts import StopFlag
 
 sys.path.insert(0, str(Path(__file__).parent))  # so tests can `from hostile import ...`
 
@@ -87,7 +87,7 @@ class Result:
 
 def run_cli(*args: str, cwd: Path | None = None, stdin: str | None = None) -> Result:
     """Run `rescli ARGS` in-process through the real entry point (exit codes included)."""
-    from rescli.cli import main
+    from rescli.cli.app import main
 
     out, err = io.StringIO(), io.StringIO()
     old_argv, old_cwd, old_stdin = sys.argv, os.getcwd(), sys.stdin

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rescli.calibration import (
+from rescli.core.errors import RescliError
+from rescli.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
     reliability_bins,
     softmax,
 )
-from rescli.errors import RescliError
-from rescli.plots import (
+from rescli.evaluation.plots import (
     confusion_subset,
     most_confused,
     plot_confusion_matrix,
@@ -27,7 +27,7 @@ from rescli.plots import (
     plot_reliability,
     plot_top_losses,
 )
-from rescli.report import write_html_report
+from rescli.evaluation.report import write_html_report
 
 # --------------------------------------------------------------------------- calibration
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rescli.cifar import STAGE_NAMES, PadShortcut, cifar_resnet, stage_of
-from rescli.errors import RescliError
+from rescli.core.errors import RescliError
+from rescli.models.cifar import STAGE_NAMES, PadShortcut, cifar_resnet, stage_of
 
 # Exact trainable-parameter counts (10 classes), measured from this implementation.
 # Option A (and plain, which has the same layers): paper table 6 says 0.27M/0.46M/0.66M/0.85M/1.7M.
@@ -242,7 +242,7 @@ def test_cifar_net_finetune_evaluate_predict_export(cli, tmp_path):
 
     from conftest import make_class_folder
 
-    from rescli.checkpoint import load_checkpoint
+    from rescli.models.checkpoint import load_checkpoint
 
     folder = make_class_folder(tmp_path / "data", per_class=6, size=8)
     run = tmp_path / "run"
@@ -312,7 +312,7 @@ def test_unknown_cifar_arch_and_bad_shortcut_are_usage_errors(cli, tmp_path):
 
 
 def test_check_arch_kwargs_normalises():
-    from rescli.models import check_arch_kwargs, create_model
+    from rescli.models.registry import check_arch_kwargs, create_model
 
     assert check_arch_kwargs("resnet56", {"shortcut": "b"}) == {"shortcut": "B"}
     assert check_arch_kwargs("plain20", {}) == {} and check_arch_kwargs("resnext50_32x4d", None) == {}

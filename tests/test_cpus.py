@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from rescli.cpus import available_cpus, busy_cpus, plan_threads
+from rescli.core.cpus import available_cpus, busy_cpus, plan_threads
 
 
 @pytest.fixture

@@ -9,15 +9,25 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_class_folder
 from PIL import Image
 
-from conftest import make_class_folder
-from rescli import data, models
-from rescli.cifar import cifar_resnet
-from rescli.degradation import (
-    STAGES, degradation_figure, display_name, parse_depths, stage_gradient_norms, summarize,
+from rescli.core.errors import RescliError
+from rescli.data.loading import ImageSamples, collate
+from rescli.data.scan import scan_dataset
+from rescli.data.transforms import to_model_input
+from rescli.experiments import degradation as degradation_module
+from rescli.experiments.degradation import (
+    STAGES,
+    display_name,
+    parse_depths,
+    stage_gradient_norms,
+    summarize,
 )
-from rescli.errors import RescliError
+from rescli.experiments.degradation_figure import degradation_figure
+from rescli.models.cifar import cifar_resnet
+from rescli.models.registry import IMAGENET_MEAN, IMAGENET_STD, create_model
+from rescli.train import loop as loop_module
 
 SMALL = ("--img-size", "8", "--batch-size", "8", "--workers", "0", "--threads", "1")
 
@@ -33,7 +43,7 @@ def deg_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("deg")
     folder = make_class_folder(root / "data", per_class=10, size=8)
     created: list[tuple[str, dict]] = []
-    real_create = models.create_model
+    real_create = create_model
 
     def recording_create(arch, num_classes, arch_kwargs=None):
         m = real_create(arch, num_classes, arch_kwargs)
@@ -42,7 +52,8 @@ def deg_run(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RESCLI_CACHE_DIR", str(root / "cache"))
-        mp.setattr(models, "create_model", recording_create)
+        mp.setattr(degradation_module, "create_model", recording_create)  # the gradient-norm models
+        mp.setattr(loop_module, "create_model", recording_create)  # the trained ones
         res = run_cli("degradation", folder, "--depths", "20,8", "--epochs", "2", *SMALL, "--output", root / "out", "--format", "json")
     assert res.code == 0, res.err
     return {"root": root, "data": folder, "out": root / "out", "res": res, "created": created}
@@ -71,7 +82,7 @@ def test_json_on_stdout_matches_file_and_has_every_model(deg_run):
         assert m["checkpoint"] == str(run / "last.pt")
         assert m["runtime"] and m["runtime"] == json.loads((run / "run.json").read_text())["runtime"]
     assert on_disk["recipe"]["runtime"] == on_disk["models"][0]["runtime"]
-    from rescli.runtime import select_runtime
+    from rescli.core.runtime import select_runtime
 
     # --precision auto means the device's fast type here (bf16 on AMX CPUs), even for small images.
     assert on_disk["recipe"]["runtime"].split()[1] == select_runtime().precision
@@ -113,14 +124,14 @@ def test_figure_on_disk_is_the_figure_of_the_json(deg_run):
 
 def test_training_error_is_eval_mode_error_on_the_training_split(deg_run):
     """The JSON's training error equals what the final weights (last.pt) score on the training split."""
-    from rescli.predict import load_predictor
+    from rescli.inference.load import load_predictor
 
     result = json.loads((deg_run["out"] / "degradation.json").read_text())
-    index = data.scan_dataset(deg_run["data"], val_split=0.2, seed=0)
+    index = scan_dataset(deg_run["data"], val_split=0.2, seed=0)
     samples = index.splits["train"]
     for m in result["models"]:
         pred = load_predictor(m["checkpoint"])
-        batch = data.collate([data.ImageSamples(samples, pred.transform())[i] for i in range(len(samples))])
+        batch = collate([ImageSamples(samples, pred.transform())[i] for i in range(len(samples))])
         acc = float((pred.logits(batch.images).argmax(1) == batch.labels).float().mean())
         assert abs((1 - acc) - m["final_train_error"]) <= 1 / len(samples) + 1e-9, m["name"]
 
@@ -208,13 +219,13 @@ def test_stage_gradient_norms_add_up():
     model = cifar_resnet(8, 3, residual=False)
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     labels = torch.tensor([0, 1, 2, 1])
-    g = stage_gradient_norms(model, images, labels, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD)
+    g = stage_gradient_norms(model, images, labels, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     assert list(g["l2"]) == list(STAGES)
     assert all(p.grad is None for p in model.parameters())  # gradients are not left behind
     # Recompute by hand: the stages' squared norms add up to the whole model's.
     torch.manual_seed(0)
     again = cifar_resnet(8, 3, residual=False).train()
-    x = data.to_model_input(images, device=torch.device("cpu"), mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, channels_last=False)
+    x = to_model_input(images, device=torch.device("cpu"), mean=IMAGENET_MEAN, std=IMAGENET_STD, channels_last=False)
     torch.nn.functional.cross_entropy(again(x), labels).backward()
     total = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in again.parameters()))
     assert math.sqrt(sum(v * v for v in g["l2"].values())) == pytest.approx(total, rel=1e-5)
@@ -236,7 +247,7 @@ def test_summarize_signs():
 
 
 def test_library_raises_rescli_error_on_empty_training_batch():
-    from rescli.degradation import fixed_batch
+    from rescli.experiments.degradation import fixed_batch
 
     with pytest.raises(RescliError):
         fixed_batch([], img_size=8, size=4, seed=0)

@@ -16,17 +16,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dist_worker
 import numpy as np
 import pytest
-
-import dist_worker
 from conftest import COLORS, StopAfter, write_color_images
-from rescli import distributed
-from rescli.checkpoint import load_checkpoint
-from rescli.distributed import DistContext, rank_batches, shard
-from rescli.errors import UsageError
-from rescli.evaluate import evaluate_folder
-from rescli.train import Interrupted, TrainSettings, finetune
+
+from rescli.core.errors import UsageError
+from rescli.evaluation.folder import evaluate_folder
+from rescli.models.checkpoint import load_checkpoint
+from rescli.train.distributed import SINGLE, DistContext, rank_batches, shard
+from rescli.train.interrupts import Interrupted
+from rescli.train.launch import strip_launch_option
+from rescli.train.loop import finetune
+from rescli.train.settings import TrainSettings
 
 TINY = ["--arch", "resnet20", "--weights", "none", "--img-size", "16", "--workers", "0", "--precision", "fp32", "--augment", "none"]
 TRAIN, VAL = {"red": 9, "green": 9, "blue": 9}, {"red": 3, "green": 2, "blue": 2}
@@ -96,7 +98,7 @@ def assert_every_val_image_once(run_dir: Path, data: Path) -> dict:
 @pytest.mark.parametrize("n,batch,world", [(27, 6, 2), (27, 2, 2), (10, 4, 2), (7, 9, 3), (12, 4, 4), (5, 8, 4)])
 def test_rank_batches_split_every_global_batch_exactly(n, batch, world):
     order = list(np.random.default_rng(n).permutation(n))
-    single = rank_batches(order, batch_size=batch, ctx=distributed.SINGLE)
+    single = rank_batches(order, batch_size=batch, ctx=SINGLE)
     per_rank = [rank_batches(order, batch_size=batch, ctx=DistContext(r, world, r)) for r in range(world)]
     assert all(len(p) == len(single) == math.ceil(n / batch) for p in per_rank)  # same number of steps everywhere
     for step, global_batch in enumerate(single):
@@ -121,12 +123,12 @@ def test_shard_is_a_partition():
     items = list(range(7))
     shards = [shard(items, DistContext(r, 3, r)) for r in range(3)]
     assert shards == [[0, 3, 6], [1, 4], [2, 5]]
-    assert shard(items, distributed.SINGLE) == items
+    assert shard(items, SINGLE) == items
 
 
 def test_strip_launch_option():
     argv = ["finetune", "d", "--gpus", "2", "--epochs", "3", "--nproc=4", "-o", "x", "--", "--gpus"]
-    assert distributed.strip_launch_option(argv) == ["finetune", "d", "--epochs", "3", "-o", "x", "--", "--gpus"]
+    assert strip_launch_option(argv) == ["finetune", "d", "--epochs", "3", "-o", "x", "--", "--gpus"]
 
 
 def test_gather_by_index_all_reduce_and_errors_in_a_real_gloo_group(tmp_path):

@@ -22,7 +22,7 @@ def cli_reference():
 
 def _command_info(name: str):
     """The Typer app's record of one command (only rescli.cli.app is relied on, not the module's functions)."""
-    from rescli.cli import app
+    from rescli.cli.app import app
 
     for info in app.registered_commands:
         if (info.name or info.callback.__name__.replace("_", "-")) == name:

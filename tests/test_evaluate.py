@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
-from rescli.calibration import expected_calibration_error
-from rescli.evaluate import EvalResult, write_evaluation
+from rescli.evaluation.artefacts import write_evaluation
+from rescli.evaluation.calibration import expected_calibration_error
+from rescli.evaluation.evaluate import EvalResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from make_sample_data import write_digits  # noqa: E402

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_class_folder, make_split_folder
 
 FAST = ["--weights", "none", "--img-size", "24", "--batch-size", "8", "--workers", "0", "--augment", "none"]
@@ -39,8 +38,12 @@ def test_checkpoint_is_self_describing_and_weights_only(trained_run):
 
 
 def test_checkpoint_round_trip_gives_identical_logits(trained_run):
-    from rescli.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-    from rescli.models import model_from_checkpoint
+    from rescli.models.checkpoint import (
+        load_checkpoint,
+        make_checkpoint,
+        model_from_checkpoint,
+        save_checkpoint,
+    )
 
     ckpt = load_checkpoint(trained_run / "best.pt")
     model = model_from_checkpoint(ckpt)
@@ -63,7 +66,7 @@ def test_runs_are_numbered_and_never_overwritten(tmp_path, class_folder, cli):
 
 
 def test_split_is_stratified_seeded_and_copies_nothing(tmp_path):
-    from rescli.data import scan_dataset
+    from rescli.data.scan import scan_dataset
 
     data = make_class_folder(tmp_path / "d", per_class=10)
     before = sorted(p.relative_to(data) for p in data.rglob("*"))
@@ -78,7 +81,7 @@ def test_split_is_stratified_seeded_and_copies_nothing(tmp_path):
 
 @pytest.mark.parametrize("val_name", ["val", "valid", "validation"])
 def test_split_folder_layout(tmp_path, val_name):
-    from rescli.data import scan_dataset
+    from rescli.data.scan import scan_dataset
 
     root = make_split_folder(tmp_path / "s", val_name=val_name)
     index = scan_dataset(root)
@@ -169,8 +172,7 @@ def test_torchscript_export_matches_checkpoint(trained_run, tmp_path, cli):
     out = tmp_path / "m.ts"
     res = cli("export", trained_run / "best.pt", "--format", "torchscript", "--output", out)
     assert res.code == 0, res.err
-    from rescli.checkpoint import load_checkpoint
-    from rescli.models import model_from_checkpoint
+    from rescli.models.checkpoint import load_checkpoint, model_from_checkpoint
 
     scripted = torch.jit.load(str(out))  # plain torch, no rescli
     model = model_from_checkpoint(load_checkpoint(trained_run / "best.pt"))

@@ -10,12 +10,23 @@ import subprocess
 import sys
 
 import pytest
+from hostile import BLUE, GREEN, make_bomb_png, make_hostile_class_folder
 from PIL import Image, ImageFile
 
-from hostile import BLUE, GREEN, make_bomb_png, make_hostile_class_folder
-from rescli import images
-from rescli.errors import RescliError
-from rescli.images import ImageError, check_image, check_images, load_rgb, sniff_format, to_rgb
+from rescli.core.errors import RescliError
+from rescli.data import checks
+from rescli.data.checks import cache_file_for, check_images, default_cache_dir
+from rescli.data.images import (
+    ImageError,
+    ImageInfo,
+    check_image,
+    is_clutter,
+    is_hidden,
+    load_rgb,
+    looks_like_image,
+    sniff_format,
+    to_rgb,
+)
 
 
 @pytest.fixture(scope="module")
@@ -88,34 +99,34 @@ def test_broken_sniffed_files_claim_a_format(hostile):
              ".directory", "__MACOSX", ".ipynb_checkpoints", "@eaDir", "$RECYCLE.BIN", "a/b/.DS_Store"]
 )
 def test_clutter(name):
-    assert images.is_clutter(name)
-    assert images.is_clutter(pathlib.Path("/data/cats") / name)
+    assert is_clutter(name)
+    assert is_clutter(pathlib.Path("/data/cats") / name)
 
 
 @pytest.mark.parametrize("name", ["cat.jpg", "notes.txt", "README.md", "Icon.png", "thumbs.jpg", "DS_Store.png"])
 def test_not_clutter(name):
-    assert not images.is_clutter(name)
+    assert not is_clutter(name)
 
 
 def test_hidden():
-    assert images.is_hidden(".secret.jpg") and images.is_hidden("/a/b/.git") and images.is_hidden(pathlib.Path(".x"))
-    assert not images.is_hidden("cat.jpg") and not images.is_hidden("/home/.me/cat.jpg")
+    assert is_hidden(".secret.jpg") and is_hidden("/a/b/.git") and is_hidden(pathlib.Path(".x"))
+    assert not is_hidden("cat.jpg") and not is_hidden("/home/.me/cat.jpg")
 
 
 def test_looks_like_image_by_content_or_extension(hostile, tmp_path):
     root, expect = hostile
     # Everything meant to be an image, decodable or not, is an image candidate (broken ones get reported, not ignored).
     for rel in expect["broken"] + [r for rels in expect["good"].values() for r in rels]:
-        assert images.looks_like_image(root / rel), rel
+        assert looks_like_image(root / rel), rel
     for rel in expect["ignored"]:
-        assert not images.looks_like_image(root / rel), rel
+        assert not looks_like_image(root / rel), rel
     Image.new("RGB", (4, 4)).save(tmp_path / "scan.dat", "PNG")
     (tmp_path / "IMG_2.heic").write_bytes(b"")
     (tmp_path / "noext").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
     (tmp_path / "bmw.txt").write_bytes(b"BMW service history\n")
-    assert images.looks_like_image(tmp_path / "scan.dat") and images.looks_like_image(tmp_path / "noext")
-    assert images.looks_like_image(tmp_path / "IMG_2.heic") and images.looks_like_image(tmp_path / "missing.TIFF")
-    assert not images.looks_like_image(tmp_path / "bmw.txt") and not images.looks_like_image(tmp_path / "missing.txt")
+    assert looks_like_image(tmp_path / "scan.dat") and looks_like_image(tmp_path / "noext")
+    assert looks_like_image(tmp_path / "IMG_2.heic") and looks_like_image(tmp_path / "missing.TIFF")
+    assert not looks_like_image(tmp_path / "bmw.txt") and not looks_like_image(tmp_path / "missing.txt")
 
 
 # --- modes -------------------------------------------------------------------------------------------------------
@@ -342,7 +353,7 @@ def test_check_image_good_and_bad(hostile):
     root, expect = hostile
     path = root / expect["special"]["exif_rotated"]
     info = check_image(path)
-    assert info == images.ImageInfo(str(path), True, None, 16, 32, hashlib.sha1(path.read_bytes()).hexdigest())
+    assert info == ImageInfo(str(path), True, None, 16, 32, hashlib.sha1(path.read_bytes()).hexdigest())
     bad = check_image(root / "cats/truncated.jpg")
     assert not bad.ok and "truncated" in bad.error and bad.sha1 and (bad.width, bad.height) == (0, 0)
     missing = check_image(root / "nope.jpg")
@@ -376,15 +387,15 @@ def test_cache_reused_and_invalidated(hostile, cache_dir, monkeypatch, tmp_path)
     data = tmp_path / "data"
     make_hostile_class_folder(data)  # a private copy: this test touches files
     paths = good_paths(data, expect) + [str(data / rel) for rel in expect["broken"]]
-    cache_file = images.cache_file_for(data)
+    cache_file = cache_file_for(data)
     before = _snapshot(data)
     first = check_images(paths, cache_file=cache_file)
     assert cache_file.is_file() and not cache_file.is_relative_to(data)
     assert _snapshot(data) == before  # nothing written into the data folder
 
     calls = []
-    real = images.check_image
-    monkeypatch.setattr(images, "check_image", lambda p: calls.append(p) or real(p))
+    real = check_image
+    monkeypatch.setattr(checks, "check_image", lambda p: calls.append(p) or real(p))
     done = []
     assert check_images(paths, cache_file=cache_file, progress=done.append) == first
     assert calls == [] and sum(done) == len(paths)
@@ -423,8 +434,8 @@ def test_corrupt_cache_entries_are_rechecked(hostile, cache_dir, monkeypatch):
     doc["entries"][key]["width"] = "wide"
     cache_file.write_text(json.dumps(doc))
     calls = []
-    real = images.check_image
-    monkeypatch.setattr(images, "check_image", lambda p: calls.append(p) or real(p))
+    real = check_image
+    monkeypatch.setattr(checks, "check_image", lambda p: calls.append(p) or real(p))
     assert check_images(paths, cache_file=cache_file)[paths[0]].width == 24
     assert calls == [paths[0]]
 
@@ -439,7 +450,7 @@ def test_unreadable_results_are_not_cached(hostile, tmp_path, cache_dir, monkeyp
     path = good_paths(root, expect)[0]
     calls = []
     monkeypatch.setattr(
-        images, "check_image", lambda p: calls.append(p) or images.ImageInfo(p, False, "permission denied", 0, 0, "")
+        checks, "check_image", lambda p: calls.append(p) or ImageInfo(p, False, "permission denied", 0, 0, "")
     )
     for _ in range(2):
         assert check_images([path], cache_file=cache_file)[path].error == "permission denied"
@@ -475,17 +486,17 @@ def test_cache_locations(monkeypatch, tmp_path):
     monkeypatch.delenv("RESCLI_CACHE_DIR", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert images.default_cache_dir() == tmp_path / "home" / ".cache" / "rescli"
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "rescli"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert images.default_cache_dir() == tmp_path / "xdg" / "rescli"
+    assert default_cache_dir() == tmp_path / "xdg" / "rescli"
     monkeypatch.setenv("RESCLI_CACHE_DIR", str(tmp_path / "mine"))
-    assert images.default_cache_dir() == tmp_path / "mine"
+    assert default_cache_dir() == tmp_path / "mine"
     assert not (tmp_path / "mine").exists()  # created by whoever writes, not by asking
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
-    cache = images.cache_file_for("data")
-    assert cache == images.cache_file_for(tmp_path / "data")
+    cache = cache_file_for("data")
+    assert cache == cache_file_for(tmp_path / "data")
     assert cache.parent == tmp_path / "mine" / "checks" and len(cache.stem) == 16 and cache.suffix == ".json"
-    assert cache != images.cache_file_for(tmp_path / "other")
+    assert cache != cache_file_for(tmp_path / "other")
 

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import make_class_folder, run_cli
 from hostile import make_hostile_class_folder, make_messy_photo_folder, snapshot
+from PIL import Image
+
+from rescli.train import loop as loop_module
 
 FAST = ["--weights", "none", "--img-size", "16", "--batch-size", "16", "--workers", "0", "--augment", "none",
         "--precision", "fp32"]
@@ -174,7 +175,7 @@ def hostile(tmp_path):
 
 
 def test_scan_reports_misnamed_garbage_as_broken_not_ignored(hostile):
-    from rescli.data import scan_dataset
+    from rescli.data.scan import scan_dataset
 
     root, expect = hostile
     index = scan_dataset(root)
@@ -186,7 +187,7 @@ def test_scan_reports_misnamed_garbage_as_broken_not_ignored(hostile):
 
 
 def test_any_case_of_image_extension_and_hidden_files(tmp_path):
-    from rescli.data import scan_dataset
+    from rescli.data.scan import scan_dataset
 
     make_class_folder(tmp_path / "d", per_class=3, classes=("red", "green"))
     red = tmp_path / "d" / "red"
@@ -207,7 +208,7 @@ def test_any_case_of_image_extension_and_hidden_files(tmp_path):
 
 
 def test_split_layout_names_what_is_outside_the_splits(tmp_path):
-    from rescli.data import scan_dataset
+    from rescli.data.scan import scan_dataset
 
     root = tmp_path / "s"
     make_class_folder(root / "train", per_class=3, classes=("red", "green"))
@@ -223,7 +224,7 @@ def test_split_layout_names_what_is_outside_the_splits(tmp_path):
 
 
 def test_a_class_of_only_broken_files_is_not_a_class(tmp_path):
-    from rescli.data import scan_dataset
+    from rescli.data.scan import scan_dataset
 
     make_class_folder(tmp_path / "d", per_class=3, classes=("red", "green", "blue"))
     for p in (tmp_path / "d" / "blue").iterdir():
@@ -245,7 +246,7 @@ def test_fewer_than_two_classes_says_what_was_found(tmp_path, cli):
 
 
 def test_symlink_loop_does_not_hang(tmp_path):
-    from rescli.data import scan_dataset
+    from rescli.data.scan import scan_dataset
 
     make_class_folder(tmp_path / "d", per_class=2, classes=("red", "green"))
     try:
@@ -305,10 +306,10 @@ def test_strict_stops_before_training_and_names_the_files(hostile, cli, tmp_path
 
 
 def test_file_that_vanishes_or_breaks_during_training_is_skipped_with_a_warning(tmp_path, cli, monkeypatch):
-    from rescli import data as data_mod
+    from rescli.data.scan import scan_dataset
 
     root = make_class_folder(tmp_path / "d", per_class=5, size=16, classes=("red", "green"))
-    real_scan = data_mod.scan_dataset
+    real_scan = scan_dataset
     hit = {}
 
     def scan_then_damage(*args, **kwargs):
@@ -320,7 +321,7 @@ def test_file_that_vanishes_or_breaks_during_training_is_skipped_with_a_warning(
         Path(hit["val"]).unlink()
         return index
 
-    monkeypatch.setattr(data_mod, "scan_dataset", scan_then_damage)
+    monkeypatch.setattr(loop_module, "scan_dataset", scan_then_damage)
     res = cli("finetune", root, *FAST, "--epochs", "2", "--output", tmp_path / "run")
     assert res.code == 0, res.err
     for key in ("gone", "cut"):

@@ -10,12 +10,17 @@ import pytest
 import torch
 from torchvision import models as tvm
 
-from rescli import models
-from rescli.checkpoint import make_checkpoint, save_checkpoint
-from rescli.errors import RescliError, UsageError
-from rescli.train import Plan, resolve_strategy
-
-
+from rescli.core.errors import RescliError, UsageError
+from rescli.models.checkpoint import make_checkpoint, save_checkpoint
+from rescli.models.registry import IMAGENET_MEAN, IMAGENET_STD, create_model
+from rescli.models.weights import load_pretrained, torch_hub_checkpoint_dir
+from rescli.train.params import (
+    freeze_batchnorm_stats,
+    param_groups,
+    set_backbone_trainable,
+)
+from rescli.train.schedule import Plan
+from rescli.train.settings import resolve_strategy
 
 
 def _randomised_resnet18_state(seed: int = 1) -> dict[str, torch.Tensor]:
@@ -42,11 +47,11 @@ def test_torchvision_state_dict_loads_backbone_and_keeps_new_head(tmp_path):
     state = _randomised_resnet18_state()
     path = tmp_path / "resnet18.pth"
     torch.save(state, path)
-    model = models.create_model("resnet18", 3)
-    info = models.load_pretrained(model, arch="resnet18", weights=str(path))
+    model = create_model("resnet18", 3)
+    info = load_pretrained(model, arch="resnet18", weights=str(path))
     _assert_backbone_equal(model, state)
     assert model.fc.weight.shape == (3, 512)  # the 1000-class head of the file is not used
-    assert info.pretrained and tuple(info.mean) == models.IMAGENET_MEAN and tuple(info.std) == models.IMAGENET_STD
+    assert info.pretrained and tuple(info.mean) == IMAGENET_MEAN and tuple(info.std) == IMAGENET_STD
 
 
 @pytest.mark.parametrize("wrap", ["ddp", "timm_nested", "lightning"])
@@ -60,16 +65,16 @@ def test_prefixed_and_nested_state_dicts_load(tmp_path, wrap):
         obj = {"state_dict": {f"model.{k}": v for k, v in state.items()}}
     path = tmp_path / f"{wrap}.pth"
     torch.save(obj, path)
-    model = models.create_model("resnet18", 4)
-    models.load_pretrained(model, arch="resnet18", weights=str(path))
+    model = create_model("resnet18", 4)
+    load_pretrained(model, arch="resnet18", weights=str(path))
     _assert_backbone_equal(model, state)
 
 
 def test_mismatched_state_dict_lists_what_did_not_fit(tmp_path):
     path = tmp_path / "deeper.pth"
-    torch.save(models.create_model("resnet32", 10).state_dict(), path)  # 5 blocks per stage instead of 3
+    torch.save(create_model("resnet32", 10).state_dict(), path)  # 5 blocks per stage instead of 3
     with pytest.raises(RescliError) as exc:
-        models.load_pretrained(models.create_model("resnet20", 2), arch="resnet20", weights=str(path))
+        load_pretrained(create_model("resnet20", 2), arch="resnet20", weights=str(path))
     msg = exc.value.message
     assert "do not fit this model" in msg and "unexpected 72: layer1.3.*, layer1.4.*, layer2.3.*" in msg
     assert "looks like a resnet32: pass --arch resnet32" in msg
@@ -80,7 +85,7 @@ def test_mismatched_state_dict_lists_what_did_not_fit(tmp_path):
     del state["layer4.1.bn2.running_var"]  # and a partial file
     torch.save(state, path)
     with pytest.raises(RescliError) as exc:
-        models.load_pretrained(models.create_model("resnet18", 2), arch="resnet18", weights=str(path))
+        load_pretrained(create_model("resnet18", 2), arch="resnet18", weights=str(path))
     msg = exc.value.message
     assert "wrong shape 1: conv1.weight (64, 1, 7, 7) vs (64, 3, 7, 7)" in msg
     assert "missing 1: layer4.1.bn2.running_var" in msg
@@ -88,27 +93,27 @@ def test_mismatched_state_dict_lists_what_did_not_fit(tmp_path):
 
 def test_weights_file_problems_are_clear(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
-        models.load_pretrained(models.create_model("resnet18", 2), arch="resnet18", weights=str(tmp_path / "nope.pth"))
+        load_pretrained(create_model("resnet18", 2), arch="resnet18", weights=str(tmp_path / "nope.pth"))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a torch file")
     with pytest.raises(RescliError, match="not a readable weights file"):
-        models.load_pretrained(models.create_model("resnet18", 2), arch="resnet18", weights=str(junk))
+        load_pretrained(create_model("resnet18", 2), arch="resnet18", weights=str(junk))
     lists = tmp_path / "list.pth"
     torch.save({"a": 1}, lists)
     with pytest.raises(RescliError, match="expected a state_dict"):
-        models.load_pretrained(models.create_model("resnet18", 2), arch="resnet18", weights=str(lists))
+        load_pretrained(create_model("resnet18", 2), arch="resnet18", weights=str(lists))
 
 
 def test_rescli_checkpoint_of_other_arch_names_the_fix(tmp_path):
-    src = models.create_model("resnet20", 3)
+    src = create_model("resnet20", 3)
     ckpt = make_checkpoint(model_state=src.state_dict(), arch="resnet20", classes=["a", "b", "c"], img_size=32,
                            mean=[0.5] * 3, std=[0.25] * 3)
     path = save_checkpoint(ckpt, tmp_path / "best.pt")
     with pytest.raises(UsageError, match="--arch resnet20"):
-        models.load_pretrained(models.create_model("resnet18", 2), arch="resnet18", weights=str(path))
+        load_pretrained(create_model("resnet18", 2), arch="resnet18", weights=str(path))
     # Same arch, other classes: backbone reused, head new, normalisation follows the checkpoint.
-    model = models.create_model("resnet20", 5)
-    info = models.load_pretrained(model, arch="resnet20", weights=str(path))
+    model = create_model("resnet20", 5)
+    info = load_pretrained(model, arch="resnet20", weights=str(path))
     _assert_backbone_equal(model, ckpt["model"])
     assert model.fc.out_features == 5
     assert list(info.mean) == [0.5] * 3 and list(info.std) == [0.25] * 3 and info.from_checkpoint is not None
@@ -125,9 +130,9 @@ def _no_network(monkeypatch):
 def test_imagenet_offline_fails_fast_with_the_way_out(monkeypatch):
     _no_network(monkeypatch)
     with pytest.raises(RescliError) as exc:
-        models.load_pretrained(models.create_model("resnet18", 2), arch="resnet18", weights="imagenet")
+        load_pretrained(create_model("resnet18", 2), arch="resnet18", weights="imagenet")
     msg = exc.value.message
-    cache = models.torch_hub_checkpoint_dir()
+    cache = torch_hub_checkpoint_dir()
     assert "\n" not in msg
     assert "Offline?" in msg and "resnet18-f37072fd.pth" in msg and str(cache) in msg and "--weights none" in msg
     assert str(cache).startswith(os.environ["TORCH_HOME"])  # the autouse fixture's isolated torch home
@@ -136,38 +141,38 @@ def test_imagenet_offline_fails_fast_with_the_way_out(monkeypatch):
 def test_imagenet_weights_in_the_torch_hub_cache_are_used_without_network(monkeypatch):
     _no_network(monkeypatch)
     url = tvm.ResNet18_Weights.DEFAULT.url
-    cache = models.torch_hub_checkpoint_dir()
+    cache = torch_hub_checkpoint_dir()
     cache.mkdir(parents=True)
     state = _randomised_resnet18_state(seed=5)  # stands in for the real file, which cannot be downloaded here
     torch.save(state, cache / os.path.basename(url))
-    model = models.create_model("resnet18", 3)
-    info = models.load_pretrained(model, arch="resnet18", weights="imagenet")
+    model = create_model("resnet18", 3)
+    info = load_pretrained(model, arch="resnet18", weights="imagenet")
     _assert_backbone_equal(model, state)
     assert info.source == "imagenet:ResNet18_Weights.IMAGENET1K_V1" and info.pretrained
-    assert tuple(info.mean) == models.IMAGENET_MEAN
+    assert tuple(info.mean) == IMAGENET_MEAN
 
 
 def test_imagenet_for_cifar_nets_is_a_usage_error():
     with pytest.raises(UsageError, match="no ImageNet weights for resnet20"):
-        models.load_pretrained(models.create_model("resnet20", 2), arch="resnet20", weights="imagenet")
+        load_pretrained(create_model("resnet20", 2), arch="resnet20", weights="imagenet")
 
 
 def test_freezing_helpers():
-    model = models.create_model("resnet18", 3)
-    models.set_backbone_trainable(model, False)
+    model = create_model("resnet18", 3)
+    set_backbone_trainable(model, False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"fc.weight", "fc.bias"}
     model.train()
-    models.freeze_batchnorm_stats(model)
+    freeze_batchnorm_stats(model)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and not any(m.training for m in bns)
-    models.set_backbone_trainable(model, True)
+    set_backbone_trainable(model, True)
     assert all(p.requires_grad for p in model.parameters())
 
 
 def test_param_groups_skip_decay_on_norms_and_biases_and_space_lrs_geometrically():
-    model = models.create_model("resnet18", 3)
-    groups = models.param_groups(model, lr=1e-2, weight_decay=0.05, backbone_lr_ratio=0.01)
+    model = create_model("resnet18", 3)
+    groups = param_groups(model, lr=1e-2, weight_decay=0.05, backbone_lr_ratio=0.01)
     names = {id(p): n for n, p in model.named_parameters()}
     seen = set()
     for g in groups:

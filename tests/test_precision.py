@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_class_folder
-from rescli.runtime import cpu_has_fast_bf16, resolve_precision
+
+from rescli.core.runtime import cpu_has_fast_bf16, resolve_precision
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

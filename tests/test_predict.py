@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COLORS, write_color_images
 from PIL import Image
 
-from conftest import COLORS, write_color_images
+from rescli.inference import inputs as inputs_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -289,7 +290,7 @@ def test_quiet_leaves_only_errors_on_stderr(cli, model, images, tmp_path):
 def test_progress_only_when_stderr_is_a_terminal(cli, model, images, monkeypatch):
     from rich.console import Console
 
-    from rescli import console
+    from rescli.cli import console
 
     res = predict(cli, model, str(images), "-f", "jsonl")
     assert "images," not in res.err  # captured stderr is not a terminal
@@ -304,7 +305,7 @@ def test_progress_only_when_stderr_is_a_terminal(cli, model, images, monkeypatch
 # --- streaming and memory ------------------------------------------------------------------------------------------
 
 def _fake_predictor(classes=("a", "b")):
-    from rescli.predict import Predictor
+    from rescli.inference.predictor import Predictor
 
     return Predictor(classes=list(classes), img_size=8, mean=[0.5] * 3, std=[0.5] * 3, temperature=1.0,
                      logits_fn=lambda x: x.float().mean(dim=(2, 3))[:, : len(classes)], kind="test")
@@ -312,9 +313,9 @@ def _fake_predictor(classes=("a", "b")):
 
 def test_in_flight_images_are_bounded(monkeypatch):
     """However many paths come in, only about lookahead + one batch of them are taken (and decoded) at a time."""
-    from rescli import predict as p
+    from rescli.inference.stream import predict_batches
 
-    monkeypatch.setattr(p, "load_rgb", lambda path, draft_size=None: Image.new("RGB", (8, 8), (int(path[4:]) % 256, 0, 0)))
+    monkeypatch.setattr(inputs_module, "load_rgb", lambda path, draft_size=None: Image.new("RGB", (8, 8), (int(path[4:]) % 256, 0, 0)))
     consumed = 0
 
     def paths():
@@ -324,7 +325,7 @@ def test_in_flight_images_are_bounded(monkeypatch):
             yield f"img_{i}"
 
     emitted, most_in_flight = [], 0
-    for batch in p.predict_batches(paths(), predictor=_fake_predictor(), batch_size=16, lookahead=32, workers=2):
+    for batch in predict_batches(paths(), predictor=_fake_predictor(), batch_size=16, lookahead=32, workers=2):
         emitted.extend(batch)
         most_in_flight = max(most_in_flight, consumed - len(emitted) + len(batch))
     assert [r["path"] for r in emitted] == [f"img_{i}" for i in range(2000)]  # all of them, in input order
@@ -332,9 +333,9 @@ def test_in_flight_images_are_bounded(monkeypatch):
 
 
 def test_a_batch_is_emitted_before_the_input_ends(monkeypatch):
-    from rescli import predict as p
+    from rescli.inference.stream import predict_batches
 
-    monkeypatch.setattr(p, "load_rgb", lambda path, draft_size=None: Image.new("RGB", (8, 8)))
+    monkeypatch.setattr(inputs_module, "load_rgb", lambda path, draft_size=None: Image.new("RGB", (8, 8)))
     more = threading.Event()
 
     def slow_paths():
@@ -342,7 +343,7 @@ def test_a_batch_is_emitted_before_the_input_ends(monkeypatch):
         assert more.wait(30), "the first batch never came out"
         yield "x4"
 
-    batches = p.predict_batches(slow_paths(), predictor=_fake_predictor(), batch_size=32, linger=0.05)
+    batches = predict_batches(slow_paths(), predictor=_fake_predictor(), batch_size=32, linger=0.05)
     first = next(batches)
     assert [r["path"] for r in first] == ["x1", "x2", "x3"] and not more.is_set()
     more.set()
@@ -410,7 +411,7 @@ def test_shell_completion(cli, tmp_path):
 
 
 def test_every_command_help_has_examples(cli):
-    from rescli.cli import app
+    from rescli.cli.app import app
 
     assert "Examples:" in cli("--help").out
     names = [c.name or c.callback.__name__ for c in app.registered_commands]

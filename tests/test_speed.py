@@ -12,11 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_class_folder
 from PIL import Image
 from torchvision import transforms as T
 
-from conftest import make_class_folder
-from rescli import data
+from rescli.data.loading import DecodedCache, ImageSamples, make_loader
+from rescli.data.transforms import (
+    CenterSquare,
+    build_transform,
+    center_square_tensor,
+    to_model_input,
+)
+from rescli.inference import jpeg as jpeg_module
+from rescli.inference.predictor import CompiledForward
 
 
 def _smooth_photo(w: int, h: int) -> Image.Image:
@@ -28,7 +36,7 @@ def _smooth_photo(w: int, h: int) -> Image.Image:
 @pytest.mark.parametrize("size", [(500, 375), (375, 500), (300, 300), (100, 60), (64, 64)])
 def test_center_square_is_resize_then_center_crop_in_one_call(size):
     img = _smooth_photo(*size)
-    ours = T.PILToTensor()(data.CenterSquare(64)(img)).float()
+    ours = T.PILToTensor()(CenterSquare(64)(img)).float()
     reference = T.PILToTensor()(T.CenterCrop(64)(T.Resize(64, antialias=True)(img))).float()
     assert ours.shape == reference.shape == (3, 64, 64)
     # The same pixels up to the reference's rounding of the crop to whole pixels (a sub-pixel shift).
@@ -40,7 +48,7 @@ def test_center_square_is_resize_then_center_crop_in_one_call(size):
 def test_model_input_is_normalised_in_channels_last():
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    x = data.to_model_input(images, device=torch.device("cpu"), mean=mean, std=std, channels_last=True)
+    x = to_model_input(images, device=torch.device("cpu"), mean=mean, std=std, channels_last=True)
     expected = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
@@ -49,13 +57,13 @@ def test_model_input_is_normalised_in_channels_last():
 def _cached_samples(tmp_path: Path, *, budget_images: int, shared: bool):
     root = make_class_folder(tmp_path / "d", per_class=4, size=20)
     samples = [(str(p), 0) for p in sorted(root.rglob("*.png"))]
-    cache = data.DecodedCache(len(samples), 16, budget_bytes=budget_images * 3 * 16 * 16, shared=shared)
-    ds = data.ImageSamples(samples, data.build_transform(img_size=16, train=False), cache=cache)
+    cache = DecodedCache(len(samples), 16, budget_bytes=budget_images * 3 * 16 * 16, shared=shared)
+    ds = ImageSamples(samples, build_transform(img_size=16, train=False), cache=cache)
     return ds, samples
 
 
 def _images_and_failures(ds, *, workers: int):
-    loader = data.make_loader(ds, batch_size=5, shuffle=False, workers=workers)
+    loader = make_loader(ds, batch_size=5, shuffle=False, workers=workers)
     images, failures = [], []
     for batch in loader:
         if len(batch.labels):
@@ -113,7 +121,8 @@ def test_image_cache_changes_nothing_but_the_time(tmp_path, cli):
 def test_cli_loads_without_torch_so_predict_can_set_openmp_first():
     code = (
         "import os, sys; from rescli import cli; assert 'torch' not in sys.modules, 'rescli.cli imported torch'; "
-        "cli._idle_threads_sleep(); print(os.environ.get('OMP_WAIT_POLICY'))"
+        "from rescli.core.cpus import let_idle_threads_sleep; let_idle_threads_sleep(); "
+        "print(os.environ.get('OMP_WAIT_POLICY'))"
     )
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -141,7 +150,7 @@ def _jpeg(path: Path, color, *, size=(40, 30), mode="RGB", exif_orientation: int
 
 
 def test_only_plain_jpegs_are_handed_over_undecoded(tmp_path):
-    from rescli.images import plain_jpeg_bytes
+    from rescli.data.images import plain_jpeg_bytes
 
     plain = _jpeg(tmp_path / "plain.jpg", (200, 40, 40))
     grey = _jpeg(tmp_path / "grey.jpg", (90, 90, 90), mode="L")
@@ -163,14 +172,14 @@ def test_only_plain_jpegs_are_handed_over_undecoded(tmp_path):
 def test_center_square_on_tensors_matches_pillow():
     for size in [(500, 375), (120, 200), (64, 64)]:
         img = _smooth_photo(*size)
-        ours = data.center_square_tensor(T.PILToTensor()(img), 64).float()
-        pillow = T.PILToTensor()(data.CenterSquare(64)(img)).float()
+        ours = center_square_tensor(T.PILToTensor()(img), 64).float()
+        pillow = T.PILToTensor()(CenterSquare(64)(img)).float()
         assert ours.shape == (3, 64, 64) and (ours - pillow).abs().mean() < 3.0
 
 
 def test_predict_with_torchvision_jpeg_decoding_agrees_with_pillow(trained_run, tmp_path, cli, monkeypatch):
     from conftest import COLORS
-    from rescli import predict as predict_mod
+
 
     inbox = tmp_path / "inbox"
     for name, color in COLORS.items():
@@ -182,8 +191,8 @@ def test_predict_with_torchvision_jpeg_decoding_agrees_with_pillow(trained_run, 
     (inbox / "cut.jpg").write_bytes((inbox / "red_wide.jpg").read_bytes()[:300])
 
     decoded_by_torchvision = []
-    real = predict_mod.data.center_square_tensor
-    monkeypatch.setattr(predict_mod.data, "center_square_tensor", lambda img, size: decoded_by_torchvision.append(1) or real(img, size))
+    real = jpeg_module.center_square_tensor
+    monkeypatch.setattr(jpeg_module, "center_square_tensor", lambda img, size: decoded_by_torchvision.append(1) or real(img, size))
     rows = {}
     for decoder in ("pillow", "torchvision"):
         res = cli("predict", inbox, "--model", trained_run, "--format", "jsonl", "--jpeg-decoder", decoder, "--precision", "fp32")
@@ -231,17 +240,16 @@ def test_bench_script_runs_every_phase_and_prints_the_ratios(tmp_path):
 
 
 def test_predict_compile_gives_the_eager_labels_and_pads_partial_batches(trained_run, class_folder, cli, monkeypatch):
-    from rescli import predict as predict_mod
 
     shapes = []
-    real_init = predict_mod.CompiledForward.__init__
+    real_init = CompiledForward.__init__
 
     def watching_init(self, model):
         real_init(self, model)
         compiled = self.compiled
         self.compiled = lambda x: shapes.append(tuple(x.shape)) or compiled(x)
 
-    monkeypatch.setattr(predict_mod.CompiledForward, "__init__", watching_init)
+    monkeypatch.setattr(CompiledForward, "__init__", watching_init)
     rows = {}
     for extra in ([], ["--compile"]):
         res = cli("predict", class_folder, "--model", trained_run, "--format", "jsonl", "--batch-size", "8",
@@ -256,14 +264,13 @@ def test_predict_compile_gives_the_eager_labels_and_pads_partial_batches(trained
 
 
 def test_predict_compile_falls_back_to_eager_when_compiling_fails(trained_run, class_folder, cli, monkeypatch):
-    from rescli import predict as predict_mod
 
     def failing_compile(model, **kwargs):
         def compiled(x):
             raise RuntimeError("no C++ compiler found")
         return compiled
 
-    monkeypatch.setattr(predict_mod.torch, "compile", failing_compile)
+    monkeypatch.setattr(torch, "compile", failing_compile)
     res = cli("predict", class_folder, "--model", trained_run, "--format", "jsonl", "--compile")
     assert res.code == 0, res.err
     assert res.err.count("--compile: torch.compile failed (RuntimeError: no C++ compiler found); running the model uncompiled") == 1

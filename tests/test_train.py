@@ -22,13 +22,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import StopAfter, make_class_folder, write_color_images
-from rescli import models, train
-from rescli.checkpoint import load_checkpoint
-from rescli.errors import RescliError
-from rescli.lr_find import suggest, valley
-from rescli.train import Interrupted, StopFlag, TrainSettings, finetune, mix_batch
+
+from rescli.core.errors import RescliError
+from rescli.models.checkpoint import load_checkpoint, model_from_checkpoint
+from rescli.models.registry import IMAGENET_MEAN, create_model
+from rescli.models.weights import torch_hub_checkpoint_dir
+from rescli.train import loop as loop_module
+from rescli.train import run_folder as run_folder_module
+from rescli.train.interrupts import Interrupted, StopFlag
+from rescli.train.loop import finetune
+from rescli.train.lr_find import suggest, valley
+from rescli.train.mixing import mix_batch
+from rescli.train.settings import TrainSettings
+from rescli.train.state import seed_everything
 
 TINY = dict(arch="resnet20", weights="none", img_size=16, batch_size=4, workers=0)
 STRAIGHT = dict(epochs=3, precision="bf16", augment="light")
@@ -46,7 +53,7 @@ def data_dir(tmp_path_factory) -> Path:
 def start_weights(tmp_path_factory) -> Path:
     """A resnet20 state_dict standing in for pretrained weights (BN statistics not at their defaults)."""
     torch.manual_seed(123)
-    net = models.create_model("resnet20", 10)
+    net = create_model("resnet20", 10)
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.1)
@@ -73,8 +80,8 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 def initial_head(seed: int, num_classes: int, arch: str = "resnet20") -> dict[str, torch.Tensor]:
     """The head finetune starts from: it seeds everything, then builds the model."""
-    train._seed_everything(seed)
-    return {k: v for k, v in models.create_model(arch, num_classes).state_dict().items() if k.startswith("fc.")}
+    seed_everything(seed)
+    return {k: v for k, v in create_model(arch, num_classes).state_dict().items() if k.startswith("fc.")}
 
 
 def history_rows(run: Path) -> list[dict[str, str]]:
@@ -113,13 +120,14 @@ def test_full_strategy_trains_every_tensor(data_dir, start_weights, tmp_path):
 
 def test_gradual_freezes_backbone_first_then_trains_it_with_lower_lrs_for_earlier_layers(data_dir, start_weights, tmp_path, monkeypatch):
     saved: list[tuple[str, dict]] = []
-    real_save = train.save_checkpoint
+    real_save = loop_module.save_checkpoint
 
     def spy(ckpt, path):  # keep a copy of every checkpoint written
         saved.append((Path(path).name, {"epoch": ckpt.get("epoch"), "model": dict(ckpt["model"]), "optimizer": ckpt.get("optimizer")}))
         return real_save(ckpt, path)
 
-    monkeypatch.setattr(train, "save_checkpoint", spy)
+    monkeypatch.setattr(loop_module, "save_checkpoint", spy)
+    monkeypatch.setattr(run_folder_module, "save_checkpoint", spy)
     lr = 2e-3
     finetune(settings=settings(data_dir, weights=str(start_weights), strategy="gradual", freeze_epochs=1, lr=lr), output=tmp_path / "run")
     start = torch.load(start_weights, weights_only=True)
@@ -162,7 +170,7 @@ def test_transfer_from_an_earlier_run_to_new_classes_reuses_backbone_bit_for_bit
     assert dst["classes"] == ["cyan", "magenta"] and dst["model"]["fc.weight"].shape == (2, 64)
     assert not torch.equal(dst["model"]["fc.weight"], initial_head(0, 2)["fc.weight"])  # the new head trained
     assert dst["mean"] == src["mean"] and dst["std"] == src["std"]
-    model = models.model_from_checkpoint(dst)  # a normal full model: loads strictly, backbone + head
+    model = model_from_checkpoint(dst)  # a normal full model: loads strictly, backbone + head
     assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 2)
     assert json.loads(res.out)["best_checkpoint"].endswith("best.pt")
 
@@ -180,12 +188,12 @@ def test_torchvision_state_dict_file_via_cli(cli, data_dir, tmp_path):
     ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
     assert_same_tensors(backbone(ckpt["model"]), backbone(state))
     assert ckpt["arch"] == "resnet18" and ckpt["model"]["fc.weight"].shape == (3, 512)
-    assert ckpt["mean"] == pytest.approx(list(models.IMAGENET_MEAN))
+    assert ckpt["mean"] == pytest.approx(list(IMAGENET_MEAN))
 
 
 def test_mismatched_weights_file_fails_listing_what_did_not_fit(cli, data_dir, tmp_path):
     path = tmp_path / "other.pth"
-    torch.save(models.create_model("resnet32", 10).state_dict(), path)
+    torch.save(create_model("resnet32", 10).state_dict(), path)
     res = cli("finetune", data_dir, "--weights", path, "--arch", "resnet20", "--img-size", "16", "--workers", "0",
               "-o", tmp_path / "run")
     assert res.code == 1
@@ -208,7 +216,7 @@ def test_imagenet_offline_fails_fast_in_one_line(cli, data_dir, tmp_path, monkey
     errors = [ln for ln in res.err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1
     assert "could not download ResNet18_Weights.IMAGENET1K_V1" in errors[0] and "Offline?" in errors[0]
-    assert str(models.torch_hub_checkpoint_dir()) in errors[0] and "--weights none" in errors[0]
+    assert str(torch_hub_checkpoint_dir()) in errors[0] and "--weights none" in errors[0]
     assert "Traceback" not in res.err
 
 
@@ -477,7 +485,7 @@ def test_failed_write_leaves_previous_checkpoint_intact_and_no_temp_files(data_d
 
 
 def test_atomic_write_bytes_keeps_old_content_on_failure(tmp_path, monkeypatch):
-    from rescli.fileio import atomic_write_bytes
+    from rescli.core.fileio import atomic_write_bytes
 
     target = tmp_path / "metrics.json"
     atomic_write_bytes(target, b"old content")

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_class_folder, make_split_folder, run_cli
+
+from rescli.data import checks
 
 FAST = ["--weights", "none", "--img-size", "16", "--batch-size", "16", "--workers", "0", "--augment", "none",
         "--precision", "fp32", "--epochs", "1"]
@@ -71,7 +72,7 @@ def finishes(fn, *, fifos: list[Path], patience: float = 120.0):  # generous: a 
 
 
 def test_text_writers_keep_bytes_for_path_lists_and_escape_them_in_html_and_json(tmp_path):
-    from rescli.fileio import atomic_write_json, atomic_write_text
+    from rescli.core.fileio import atomic_write_json, atomic_write_text
 
     name = os.fsdecode(b"notes\xff.txt")
     atomic_write_text(tmp_path / "skipped.txt", f"ignored\t{name}\n")
@@ -87,7 +88,7 @@ def test_text_writers_keep_bytes_for_path_lists_and_escape_them_in_html_and_json
 
 
 def test_predictions_csv_keeps_names_that_are_not_utf8(tmp_path):
-    from rescli.evaluate import write_predictions_csv
+    from rescli.evaluation.artefacts import write_predictions_csv
 
     cls, path = os.fsdecode(b"caf\xe9"), os.fsdecode(b"/data/caf\xe9/gr\xfcn.png")
     row = {"path": path, "true": cls, "predicted": cls, "score": 0.9, "true_score": 0.9, "loss": 0.1, "correct": True}
@@ -125,8 +126,12 @@ def test_finetune_with_a_class_name_that_is_not_utf8(tmp_path, cli):
 
 def test_checkpoint_and_check_cache_keep_names_that_are_not_utf8(tmp_path):
     """Guards (these already worked): the two writers that are not text files."""
-    from rescli import images
-    from rescli.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+    from rescli.data.checks import _read_cache, check_images
+    from rescli.models.checkpoint import (
+        load_checkpoint,
+        make_checkpoint,
+        save_checkpoint,
+    )
 
     cls = os.fsdecode(b"r\xe9d")
     ckpt = make_checkpoint(model_state={}, arch="resnet18", classes=[cls, "green"], img_size=16, mean=[0.5] * 3,
@@ -137,9 +142,9 @@ def test_checkpoint_and_check_cache_keep_names_that_are_not_utf8(tmp_path):
     data = make_class_folder(tmp_path / "d", per_class=1, classes=("red",))
     png = (data / "red" / "img_000.png").rename(bytes_name(data / "red", b"\xe9t\xe9.png"))
     cache_file = tmp_path / "cache.json"
-    first = images.check_images([png], cache_file=cache_file)
+    first = check_images([png], cache_file=cache_file)
     assert first[str(png)].ok and cache_file.read_bytes().isascii()
-    assert images._read_cache(cache_file).keys() == {str(png)}  # read back as the very same name: a cache hit
+    assert _read_cache(cache_file).keys() == {str(png)}  # read back as the very same name: a cache hit
 
 
 # --- 10: a cache folder that cannot be made -----------------------------------------------------------------------
@@ -160,7 +165,7 @@ def test_unusable_cache_folder_warns_once_and_goes_on(tmp_path, cli, monkeypatch
 def test_no_home_folder_at_all_is_not_fatal(tmp_path, monkeypatch):
     import pwd
 
-    from rescli.data import scan_dataset
+    from rescli.data.scan import scan_dataset
 
     data = make_class_folder(tmp_path / "d", per_class=2, classes=("red", "green"))
     for var in ("RESCLI_CACHE_DIR", "XDG_CACHE_HOME", "HOME"):
@@ -178,7 +183,7 @@ def test_no_home_folder_at_all_is_not_fatal(tmp_path, monkeypatch):
 
 
 def test_fifo_named_like_an_image_is_ignored_never_opened(tmp_path):
-    from rescli.data import scan_dataset
+    from rescli.data.scan import scan_dataset
 
     data = make_class_folder(tmp_path / "d", per_class=2, classes=("red", "green"))
     fifos = [make_fifo(data / "red" / "x.jpg"), make_fifo(data / "green" / "pipe")]
@@ -189,22 +194,29 @@ def test_fifo_named_like_an_image_is_ignored_never_opened(tmp_path):
 
 
 def test_image_readers_refuse_fifos_and_devices_without_blocking(tmp_path):
-    from rescli import images
+    from rescli.data.images import (
+        ImageError,
+        check_image,
+        load_rgb,
+        looks_like_image,
+        plain_jpeg_bytes,
+        sniff_format,
+    )
 
     fifo = make_fifo(tmp_path / "x.jpg")
 
     def read_all():
-        with pytest.raises(images.ImageError, match=r"x\.jpg: not a regular file but a named pipe \(FIFO\)"):
-            images.load_rgb(fifo)
-        info = images.check_image(fifo)
-        return info, images.sniff_format(fifo), images.looks_like_image(fifo), images.plain_jpeg_bytes(fifo)
+        with pytest.raises(ImageError, match=r"x\.jpg: not a regular file but a named pipe \(FIFO\)"):
+            load_rgb(fifo)
+        info = check_image(fifo)
+        return info, sniff_format(fifo), looks_like_image(fifo), plain_jpeg_bytes(fifo)
 
     info, fmt, looks, raw = finishes(read_all, fifos=[fifo])
     assert not info.ok and "named pipe" in info.error and (fmt, looks, raw) == (None, False, None)
-    with pytest.raises(images.ImageError, match="not a regular file but a character device"):
-        images.load_rgb("/dev/zero")  # would otherwise be read until memory runs out
-    with pytest.raises(images.ImageError, match="is a directory, not a file"):
-        images.load_rgb(tmp_path)
+    with pytest.raises(ImageError, match="not a regular file but a character device"):
+        load_rgb("/dev/zero")  # would otherwise be read until memory runs out
+    with pytest.raises(ImageError, match="is a directory, not a file"):
+        load_rgb(tmp_path)
 
 
 def test_predict_gives_fifos_found_or_named_an_error_row(trained_run, tmp_path):
@@ -224,15 +236,18 @@ def test_predict_gives_fifos_found_or_named_an_error_row(trained_run, tmp_path):
 
 
 def test_check_cache_notices_a_change_that_keeps_size_and_mtime(tmp_path, monkeypatch):
-    from rescli import images
+    from rescli.data.checks import check_images
+    from rescli.data.images import (
+        check_image,
+    )
 
     data = make_class_folder(tmp_path / "d", per_class=2, classes=("red",))
     paths = [str(p) for p in sorted((data / "red").iterdir())]
     cache_file = tmp_path / "cache.json"
-    images.check_images(paths, cache_file=cache_file)
+    check_images(paths, cache_file=cache_file)
     calls = []
-    real = images.check_image
-    monkeypatch.setattr(images, "check_image", lambda p: calls.append(p) or real(p))
+    real = check_image
+    monkeypatch.setattr(checks, "check_image", lambda p: calls.append(p) or real(p))
 
     before = os.stat(paths[0])
     for mode in (0o600, 0o640, 0o604, 0o644) * 50:  # chmod changes ctime (not mtime); wait for the clock to move on
@@ -243,7 +258,7 @@ def test_check_cache_notices_a_change_that_keeps_size_and_mtime(tmp_path, monkey
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     if after.st_ctime_ns == before.st_ctime_ns:
         pytest.skip("ctime did not move here")
-    images.check_images(paths, cache_file=cache_file)
+    check_images(paths, cache_file=cache_file)
     assert calls == [paths[0]]  # checked again: permissions may have made it unreadable
 
 
@@ -275,7 +290,7 @@ class _ChunkedStream:
 
 
 def test_one_very_long_stdin_line_is_read_in_one_pass():
-    from rescli.predict import iter_input_paths
+    from rescli.inference.inputs import iter_input_paths
 
     long_line = b"x" * (4 << 20)  # 4 MiB: 64 chunks of 64 KiB
     _Counted.work = 0
@@ -289,7 +304,7 @@ def test_one_very_long_stdin_line_is_read_in_one_pass():
 
 
 def test_a_class_named_train_is_a_class_not_a_split(tmp_path):
-    from rescli.data import scan_dataset
+    from rescli.data.scan import scan_dataset
 
     data = tmp_path / "vehicles"
     make_class_folder(data, per_class=4, classes=("red", "green"))
@@ -301,7 +316,7 @@ def test_a_class_named_train_is_a_class_not_a_split(tmp_path):
 
 
 def test_split_root_is_still_a_split_root(tmp_path):
-    from rescli.data import scan_dataset
+    from rescli.data.scan import scan_dataset
 
     index = scan_dataset(make_split_folder(tmp_path / "s", with_test=False))
     assert index.layout == "split-folders" and index.classes == ["blue", "green", "red"]
@@ -311,8 +326,8 @@ def test_split_root_is_still_a_split_root(tmp_path):
 
 
 def test_a_one_image_class_is_warned_of_by_name(tmp_path, cli):
-    from rescli.data import scan_dataset
-    from rescli.dataset import describe_dataset
+    from rescli.data.report import describe_dataset
+    from rescli.data.scan import scan_dataset
 
     data = make_class_folder(tmp_path / "d", per_class=5, classes=("red", "green"))
     make_class_folder(data, per_class=1, classes=("blue",))
@@ -329,7 +344,7 @@ def test_a_one_image_class_is_warned_of_by_name(tmp_path, cli):
 
 
 def test_a_class_missing_from_val_folder_is_warned_of(tmp_path):
-    from rescli.data import scan_dataset
+    from rescli.data.scan import scan_dataset
 
     root = make_split_folder(tmp_path / "s", with_test=False)
     for png in (root / "val" / "blue").iterdir():
@@ -344,7 +359,7 @@ def test_a_class_missing_from_val_folder_is_warned_of(tmp_path):
 
 
 def test_a_link_to_a_sibling_class_counts_its_images_once_and_says_so(tmp_path):
-    from rescli.data import scan_dataset
+    from rescli.data.scan import scan_dataset
 
     data = make_class_folder(tmp_path / "d", per_class=3, classes=("red", "green"))
     try:
@@ -361,7 +376,7 @@ def test_a_link_to_a_sibling_class_counts_its_images_once_and_says_so(tmp_path):
 
 
 def test_a_linked_class_folder_outside_the_data_folder_is_still_a_class(tmp_path):
-    from rescli.data import scan_dataset
+    from rescli.data.scan import scan_dataset
 
     data = make_class_folder(tmp_path / "d", per_class=2, classes=("red",))
     elsewhere = make_class_folder(tmp_path / "pool", per_class=2, classes=("green",))

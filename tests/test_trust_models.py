@@ -9,7 +9,6 @@ line naming the file and the field.
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import os
 import shutil
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_class_folder, write_color_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +131,7 @@ def test_torchscript_named_as_a_checkpoint_never_runs(cli, evil, how, monkeypatc
 
 
 def test_torchscript_opens_only_from_a_name_made_for_it(cli, trained_run, tmp_path):
-    from rescli.predict import model_kind
+    from rescli.inference.lookup import model_kind
 
     assert [model_kind(f"m{s}") for s in (".ts", ".TorchScript", ".onnx", ".jit", ".pt", ".pth", "")] == [
         "torchscript", "torchscript", "onnx", "checkpoint", "checkpoint", "checkpoint", "checkpoint"]
@@ -173,19 +171,20 @@ def test_pickled_code_is_refused_without_unsafe_advice(cli, tmp_path, payload):
         line = one_error_line(cli(*args), path)
         assert "holds code or an object that rescli will not load" in line and named in line, line
         assert "weights_only" not in line.lower() and "trusted" not in line.lower(), line
-    from rescli import models
-    from rescli.errors import RescliError
+    from rescli.core.errors import RescliError
+    from rescli.models.registry import create_model
+    from rescli.models.weights import load_pretrained
 
     with pytest.raises(RescliError) as exc:  # --weights PATH reads files the same way
-        models.load_pretrained(models.create_model("resnet18", 2), arch="resnet18", weights=str(path))
+        load_pretrained(create_model("resnet18", 2), arch="resnet18", weights=str(path))
     assert exc.value.message.startswith(f"--weights {path}: not a readable weights file: it holds code or an object")
     assert "weights_only" not in exc.value.message and named in exc.value.message
     assert not marker.exists()
 
 
 def test_other_unreadable_files_never_get_unsafe_advice(tmp_path):
-    from rescli.checkpoint import load_checkpoint
-    from rescli.errors import RescliError
+    from rescli.core.errors import RescliError
+    from rescli.models.checkpoint import load_checkpoint
 
     cases = {"junk.pt": b"not a torch file at all", "empty.pt": b"", "onnx.pt": b"\x08\x07\x12\x07pytorch" + b"\0" * 40}
     for name, content in cases.items():
@@ -347,8 +346,8 @@ def test_onnx_graph_and_metadata_are_checked_on_load(cli, tmp_path, case):
 
 
 def test_predictor_checks_every_batch_of_logits():
-    from rescli.errors import RescliError
-    from rescli.predict import Predictor
+    from rescli.core.errors import RescliError
+    from rescli.inference.predictor import Predictor
 
     predictor = Predictor(classes=["a", "b"], img_size=8, mean=[0.5] * 3, std=[0.5] * 3, temperature=1.0,
                           logits_fn=lambda x: torch.zeros(len(x), 5), kind="onnx", source="m.onnx")

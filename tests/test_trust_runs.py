@@ -19,10 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import make_class_folder, run_cli, write_color_images
-from rescli.checkpoint import load_checkpoint
-from rescli.train import Interrupted, TrainSettings, finetune
+
+from rescli.models.checkpoint import load_checkpoint
+from rescli.train.interrupts import Interrupted
+from rescli.train.loop import finetune
+from rescli.train.settings import TrainSettings
 
 TINY = ["--weights", "none", "--arch", "resnet20", "--img-size", "16", "--batch-size", "4", "--workers", "0",
         "--augment", "none"]
@@ -167,7 +169,7 @@ def test_a_last_training_batch_of_one_image_trains_and_says_so_once(cli, tmp_pat
 # --- 7: interrupts in the tail of a run, and outside training --------------------------------------------------------
 
 def test_an_interrupt_during_the_final_evaluation_is_resumable(tmp_path, monkeypatch):
-    from rescli import train as train_module
+    from rescli.train import loop as train_module
 
     data = make_class_folder(tmp_path / "data", per_class=6, size=16)
     real = train_module.write_evaluation
@@ -202,7 +204,7 @@ def test_an_interrupt_during_the_final_evaluation_is_resumable(tmp_path, monkeyp
 
 
 def test_sigterm_in_the_tail_raises_like_ctrl_c():
-    from rescli.train import _interrupt_raises
+    from rescli.train.interrupts import interrupt_raises as _interrupt_raises
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
@@ -213,12 +215,12 @@ def test_sigterm_in_the_tail_raises_like_ctrl_c():
 
 
 def test_ctrl_c_outside_training_says_interrupted(cli, tmp_path, monkeypatch):
-    import rescli.dataset
+    from rescli.data import report as dataset_report
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rescli.dataset, "describe_dataset", ctrl_c)
+    monkeypatch.setattr(dataset_report, "describe_dataset", ctrl_c)
     res = cli("dataset", tmp_path)
     assert res.code == 130 and res.err.strip() == "interrupted"
 
@@ -226,7 +228,7 @@ def test_ctrl_c_outside_training_says_interrupted(cli, tmp_path, monkeypatch):
 # --- 8 and 15e: one writer per run folder; what a kill left behind is cleared -------------------------------------------
 
 def test_a_run_folder_in_use_is_refused_and_unrelated_folders_are_not_overwritten(cli, tmp_path):
-    from rescli.runfolder import RunFolderLock
+    from rescli.train.run_folder import RunFolderLock
 
     data = make_class_folder(tmp_path / "data", per_class=6, size=16)
     busy = tmp_path / "busy"
@@ -310,8 +312,8 @@ def test_export_onto_a_full_disk_is_one_line(cli, run_on_data, tmp_path, monkeyp
 
 
 def test_an_output_that_is_not_a_regular_file_is_never_replaced(cli, run_on_data, tmp_path):
-    from rescli.fileio import atomic_write_bytes
-    from rescli.errors import RescliError
+    from rescli.core.errors import RescliError
+    from rescli.core.fileio import atomic_write_bytes
 
     fifo = tmp_path / "m.ts"
     os.mkfifo(fifo)

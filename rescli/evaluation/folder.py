@@ -1,0 +1,85 @@
+"""`rescli evaluate`: a model (checkpoint or export) on a folder of labelled images, and its files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from rescli.core.errors import RescliError, UsageError
+from rescli.core.runtime import default_workers
+from rescli.data.loading import ImageSamples, make_loader
+from rescli.data.transforms import draft_size_for
+from rescli.evaluation.artefacts import write_evaluation
+from rescli.evaluation.evaluate import EvalResult, metrics_from, run_eval
+from rescli.evaluation.selection import (
+    count_seen_in_training,
+    select_images,
+    training_record,
+)
+
+
+def evaluate_folder(
+    *,
+    model: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    split: str | None = None,
+    output: str | os.PathLike | None = None,
+    raw_scores: bool = False,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    compile: bool = False,
+    write_files: bool = True,
+) -> tuple[dict[str, Any], EvalResult, Path | None]:
+    """Metrics of ``model`` (checkpoint or export) on labelled images (see ``select_images``).
+
+    Scores use the model's stored temperature unless ``raw_scores``. Unless ``write_files`` is False, the
+    artefacts go to ``output`` (default: ``<model's folder>/eval-<name>``), which may not lie inside the data
+    folder. Returns (metrics, per-sample result, output folder or None); ``metrics["evaluated"]`` says which
+    images were scored (``split``, ``note``) and how many of them the model was trained on (``seen_in_training``).
+    """
+    from rescli.inference.load import load_predictor
+    from rescli.train.run_folder import refuse_inside_data
+
+    model = Path(model)
+    predictor = load_predictor(model, device=device, precision=precision, compile=compile)
+    record = training_record(predictor)
+    chosen = select_images(data_dir, classes=predictor.classes, split=split, record=record,
+                           settings=predictor.meta.get("settings", {}))
+    if not chosen.samples:
+        raise RescliError(f"{data_dir}: no images to evaluate" + (f" in the {chosen.split} split" if chosen.split else ""))
+    data_root = Path(data_dir).expanduser().resolve()
+    out_dir = None
+    if write_files:
+        out_dir = Path(output).expanduser().resolve() if output is not None else model.resolve().parent / f"eval-{chosen.name}"
+        refuse_inside_data(out_dir, data_root, what="evaluation output")
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UsageError(f"--output {out_dir}: exists and is not a folder")
+    n_workers = default_workers() if workers is None else workers
+    seen = count_seen_in_training(chosen.samples, record, workers=max(2, n_workers)) if chosen.split not in ("train", "all") else None
+    dataset = ImageSamples(chosen.samples, predictor.transform(), draft_size=draft_size_for(predictor.img_size, train=False))
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=n_workers)
+    ev = run_eval(predictor.logits, loader)
+    if len(ev.y_true) == 0:
+        raise RescliError(f"{data_dir}: none of the {len(chosen.samples)} image(s) could be read")
+    temperature = 1.0 if raw_scores else predictor.temperature
+    extra = {
+        "evaluated": {
+            "model": str(model.resolve()),
+            "data_dir": str(data_root),
+            "split": chosen.split,
+            "held_out": chosen.held_out,
+            "seen_in_training": seen,
+            "note": chosen.note,
+            "temperature_source": "none (--raw-scores)" if raw_scores else "the model's stored temperature",
+        },
+        "skipped": [{"path": p, "error": e} for p, e in ev.failures],
+    }
+    if out_dir is None:
+        metrics = metrics_from(ev, predictor.classes, temperature=temperature)
+        metrics.update(extra)
+    else:
+        metrics = write_evaluation(out_dir=out_dir, ev=ev, classes=predictor.classes, temperature=temperature, extra=extra)
+    return metrics, ev, out_dir

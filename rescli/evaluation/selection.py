@@ -1,0 +1,143 @@
+"""Which labelled images an evaluation scores: on the folder a model was trained on, the split it held
+out (from the model's record of its training data); elsewhere the folder, or one split of a split
+root; and how many of them the model was trained on."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from rescli.core.errors import RescliError, UsageError
+from rescli.data.scan import find_split_folders, scan_class_folders, scan_dataset
+from rescli.data.splits import eval_samples
+
+EVAL_SPLITS = ("train", "val", "test", "all")
+
+
+@dataclass
+class Selection:
+    """Which labelled images an evaluation scores, and what they are to the model."""
+
+    samples: list[tuple[str, int]]
+    name: str  # for the default output folder: eval-<name>
+    split: str | None  # train | val | test | all, or None: a whole folder the model was not trained on
+    held_out: bool  # whether the model is meant never to have seen these images
+    note: str | None = None  # which images were chosen and why, for the person running it
+
+
+def select_images(
+    data_dir: str | os.PathLike, *, classes: Sequence[str], split: str | None, record: dict[str, Any] | None,
+    settings: dict[str, Any],
+) -> Selection:
+    """The images to score. On the folder the model was trained on, the split it held out (or ``split``), file for
+    file from the model's record of its training data; elsewhere the whole folder, or one split of a split root."""
+    root = Path(data_dir).expanduser()
+    if split is not None and split not in EVAL_SPLITS:
+        raise UsageError(f"--split {split!r}: expected train, val, test or all")
+    if not root.is_dir():
+        raise UsageError(f"{root}: no such folder")
+    if record and root.resolve() == Path(record["root"]):
+        return _training_folder(root, record, classes=classes, split=split)
+    split_dirs = find_split_folders(root)
+    if not record and settings.get("data_dir") and root.resolve() == Path(settings["data_dir"]).expanduser().resolve() \
+            and "train" not in split_dirs:
+        return _redrawn_split(root, classes=classes, split=split, settings=settings)
+    if "train" in split_dirs or (split in split_dirs and split != "all"):
+        if split == "all":
+            samples = [s for name in split_dirs for s in eval_samples(root, classes=classes, split=name)[0]]
+            return Selection(samples, f"{root.name}-all", "all", held_out=False)
+        samples, index = eval_samples(root, classes=classes, split=split)
+        chosen = split or ("test" if "test" in split_dirs else "val")
+        return Selection(samples, f"{root.name}-{Path(index.root).name}", chosen, held_out=True)
+    if split not in (None, "all"):
+        raise UsageError(
+            f"--split {split}: {root} holds class folders that this model was not trained on, so it has no {split} "
+            "split; drop --split to score all its images"
+        )
+    samples, _ = eval_samples(root, classes=classes)
+    return Selection(samples, root.name or "data", None, held_out=True)
+
+
+_SPLIT_WORDS = {
+    "val": "images it held out for validation", "test": "images of its test split",
+    "train": "images it was trained on", "all": "images of every split",
+}
+
+
+def _training_folder(root: Path, record: dict[str, Any], *, classes: Sequence[str], split: str | None) -> Selection:
+    stored = {
+        name: [(str(Path(record["root"]) / rel), int(y)) for rel, y in zip(part["paths"], part["labels"])]
+        for name, part in record["splits"].items()
+    }
+    split_dirs = find_split_folders(root) if record["layout"] == "split-folders" else {}
+    chosen = split or ("test" if "test" in split_dirs else "val")
+    if chosen == "test" and "test" not in split_dirs:
+        raise UsageError(
+            f"--split test: the model was trained on {root} without a test split; choose val (the images it held out), "
+            "train or all"
+        )
+    test = eval_samples(root, classes=classes, split="test")[0] if "test" in split_dirs and chosen in ("test", "all") else []
+    samples = {"train": stored["train"], "val": stored["val"], "test": test, "all": stored["train"] + stored["val"] + test}[chosen]
+    listed = {p for part in stored.values() for p, _ in part}
+    scanned = Path(record["root"]) if record["layout"] == "class-folders" else split_dirs["train"]
+    present = {str(p) for files in scan_class_folders(scanned).files.values() for p in files}
+    added = len(present - listed) if record["layout"] == "class-folders" else 0
+    note = (
+        f"{root} is the folder this model was trained on: scoring the {len(samples)} {_SPLIT_WORDS[chosen]}"
+        + (" (--split train|val|all to choose)" if split is None else "")
+        + (f"; {added} image(s) added since training belong to no split and are not scored" if added else "")
+    )
+    return Selection(samples, f"{root.name}-{chosen}", chosen, held_out=chosen in ("val", "test"), note=note)
+
+
+def _redrawn_split(root: Path, *, classes: Sequence[str], split: str | None, settings: dict[str, Any]) -> Selection:
+    """A model from before stored splits, on its training folder: draw the split again from its seed."""
+    chosen = split or "val"
+    if chosen == "test":
+        raise UsageError(f"--split test: {root} has no test split; choose val, train or all")
+    index = scan_dataset(root, val_split=settings.get("val_split", 0.2), seed=settings.get("seed", 0))
+    lookup = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(index.classes) - set(classes))
+    if unknown:
+        raise RescliError(f"{root}: class folder(s) {', '.join(unknown)} unknown to the model (its classes: {', '.join(classes)})")
+    parts = {name: [(p, lookup[index.classes[y]]) for p, y in index.splits[name]] for name in ("train", "val")}
+    samples = parts["train"] + parts["val"] if chosen == "all" else parts[chosen]
+    note = (f"{root} is the folder this model was trained on: scoring the {len(samples)} {_SPLIT_WORDS[chosen]}, "
+            "drawn again from its seed (the model predates stored splits, so images added since may be among them)")
+    return Selection(samples, f"{root.name}-{chosen}", chosen, held_out=chosen == "val", note=note)
+
+
+def count_seen_in_training(samples: Sequence[tuple[str, int]], record: dict[str, Any] | None, *, workers: int = 4) -> int | None:
+    """How many of ``samples`` the model was trained on: the same file, or a file with the same content.
+    None when the model carries no record of its training images."""
+    if not record or "train_sha1" not in record:
+        return None
+    root = Path(record["root"])
+    trained_paths = {os.path.realpath(root / rel) for rel in record["splits"]["train"]["paths"]}
+    trained_hashes = set(record["train_sha1"])
+    paths = [p for p, _ in samples]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # hashlib releases the GIL: threads read and hash in parallel
+        hashes = list(pool.map(_short_sha1, paths))
+    return sum(os.path.realpath(p) in trained_paths or (h is not None and h in trained_hashes) for p, h in zip(paths, hashes))
+
+
+def _short_sha1(path: str) -> str | None:
+    import hashlib
+
+    digest = hashlib.sha1()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()[:16]
+
+
+def training_record(predictor: Any) -> dict[str, Any] | None:
+    """The model's record of its training data (``data`` in a checkpoint, or in an export's metadata)."""
+    return predictor.meta.get("data")

@@ -1,0 +1,85 @@
+"""Cached backbone features: with a frozen backbone and no augmentation an image's features never change,
+so they are computed once and the head trains on them (each epoch a small matrix multiply a batch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from rescli.core.errors import RescliError
+from rescli.core.runtime import Runtime
+from rescli.data.transforms import to_model_input
+from rescli.evaluation.evaluate import EvalResult, eval_result
+from rescli.train.distributed import (
+    DistContext,
+    gather_by_index,
+    gather_objects,
+    shared_error,
+)
+
+
+@dataclass
+class FeatureSet:
+    """Backbone outputs (the head's inputs) for a list of samples, computed once."""
+
+    features: torch.Tensor  # float32 [N, D] on the training device
+    labels: torch.Tensor  # int64 [N]
+    indices: list[int]  # positions in the dataset (images that failed to load are absent)
+    failures: list[tuple[int, str]]
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, loader, *, runtime: Runtime, mean, std, allow_empty: bool = False) -> FeatureSet:
+    """One pass of the backbone (the model with its head swapped for Identity) over ``loader``.
+
+    ``allow_empty``: a loader that yields no readable image gives an empty set (one process's shard) instead of an error.
+    """
+    head = model.fc
+    model.fc = nn.Identity()
+    was_training = model.training
+    model.eval()
+    feats, labels, indices, failures = [], [], [], []
+    try:
+        for batch in loader:
+            failures += batch.failures
+            if batch.labels.numel() == 0:
+                continue
+            x = to_model_input(batch.images, device=runtime.device, mean=mean, std=std, channels_last=runtime.channels_last)
+            with runtime.autocast():
+                f = model(x)
+            feats.append(torch.flatten(f, 1).float())
+            labels.append(batch.labels.to(runtime.device))
+            indices += batch.indices.tolist()
+    finally:
+        model.fc = head
+        model.train(was_training)
+    if not feats:
+        if allow_empty:
+            dim = int(getattr(head, "in_features", 0))
+            return FeatureSet(torch.zeros(0, dim, device=runtime.device), torch.zeros(0, dtype=torch.long, device=runtime.device), [], failures)
+        raise RescliError("no image could be read to compute backbone features")
+    return FeatureSet(torch.cat(feats), torch.cat(labels), indices, failures)
+
+
+def gather_features(ctx: DistContext, fs: FeatureSet, device: torch.device) -> FeatureSet:
+    """Every process's shard of features -> the whole set on every process, in dataset order."""
+    idx, got = gather_by_index(
+        ctx, np.asarray(fs.indices, dtype=np.int64), features=fs.features.cpu().numpy(), labels=fs.labels.cpu().numpy()
+    )
+    failures = sorted(f for part in gather_objects(ctx, list(fs.failures)) for f in part)
+    if not len(idx):
+        raise shared_error("no image could be read to compute backbone features")
+    return FeatureSet(
+        torch.from_numpy(got["features"]).to(device), torch.from_numpy(got["labels"]).to(device), idx.tolist(), failures
+    )
+
+
+def eval_features(head: nn.Module, fs: FeatureSet, samples, *, runtime: Runtime) -> EvalResult:
+    with torch.inference_mode(), runtime.autocast():
+        logits = head(fs.features).float()
+    return eval_result(
+        logits.cpu(), fs.labels.cpu(), [samples[i][0] for i in fs.indices], [(samples[i][0], msg) for i, msg in fs.failures]
+    )
