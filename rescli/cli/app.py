@@ -20,8 +20,8 @@ from typing import Any, List, Optional
 import typer
 
 import rescli.cli.console as console
-from rescli.core import events
 from rescli import __version__
+from rescli.core import events
 from rescli.core.cpus import let_idle_threads_sleep
 from rescli.core.errors import RescliError
 from rescli.core.fileio import json_escapes, shown_name

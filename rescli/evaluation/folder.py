@@ -40,8 +40,8 @@ def evaluate_folder(
     folder. Returns (metrics, per-sample result, output folder or None); ``metrics["evaluated"]`` says which
     images were scored (``split``, ``note``) and how many of them the model was trained on (``seen_in_training``).
     """
+    from rescli.core.paths import refuse_inside_data
     from rescli.inference.load import load_predictor
-    from rescli.train.run_folder import refuse_inside_data
 
     model = Path(model)
     predictor = load_predictor(model, device=device, precision=precision, compile=compile)

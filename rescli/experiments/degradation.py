@@ -127,7 +127,8 @@ def stage_gradient_norms(
 
 
 def _prepare_output(output: str | os.PathLike | None, data_dir: Path) -> Path:
-    from rescli.train.run_folder import new_run_dir, refuse_inside_data
+    from rescli.core.paths import refuse_inside_data
+    from rescli.train.run_folder import new_run_dir
 
     out = Path("runs") if output is None else Path(output).expanduser()
     refuse_inside_data(out, data_dir, what="output folder")

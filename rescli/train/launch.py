@@ -11,7 +11,6 @@ import sys
 import tempfile
 from typing import Any, Sequence
 
-
 from rescli.core.cpus import available_cpus
 from rescli.core.errors import RescliError, UsageError
 

@@ -19,6 +19,7 @@ from typing import Any
 from rescli.core import events
 from rescli.core.errors import RescliError, UsageError
 from rescli.core.fileio import atomic_write_text
+from rescli.core.paths import refuse_inside_data
 from rescli.data.scan import DatasetIndex
 from rescli.models.checkpoint import (
     load_checkpoint,
@@ -31,25 +32,6 @@ STALE_TEMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 
 #: Files a run (finetune, evaluate, degradation) writes into its folder; a folder holding others is not ours.
 RUN_FILE_MARKERS = ("run.json", "last.pt", "best.pt", "degradation.json")
-
-
-def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
-    """Whether ``path`` is ``folder`` or lies below it (links resolved)."""
-    try:
-        Path(path).expanduser().resolve().relative_to(Path(folder).expanduser().resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def refuse_inside_data(output: str | os.PathLike, data_dir: str | os.PathLike, *, what: str) -> None:
-    """UsageError when ``output`` would lie inside the data folder: rescli never writes there, and a later scan
-    would take the run's files (plots, checkpoints) for a new class."""
-    if inside(output, data_dir):
-        raise UsageError(
-            f"{what} {output} lies inside the data folder {data_dir}; rescli never writes there. "
-            "Run from outside the data folder, or pass --output DIR outside it"
-        )
 
 
 def new_run_dir(base: str | os.PathLike = "runs") -> Path:
