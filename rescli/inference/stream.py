@@ -13,7 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable
@@ -39,7 +39,7 @@ def predict_batches(
     lookahead: int | None = None,
     linger: float = 0.05,
     jpeg_device: torch.device | str | None = "auto",
-) -> Iterator[list[dict[str, Any]]]:
+) -> Generator[list[dict[str, Any]], None, None]:
     """Yield one list of result dicts per batch, one dict per path, in input order.
 
     At most ``lookahead`` (default twice batch_size) paths are taken from ``paths`` beyond the batch being
@@ -49,6 +49,8 @@ def predict_batches(
     ``jpeg_device``: where plain JPEGs are decoded, batched, by torchvision (nvJPEG on a GPU); other files,
     and JPEGs it cannot decode, go through Pillow. "auto" means the model's GPU when torchvision can decode
     there, else Pillow for everything (None); see jpeg.jpeg_decode_device.
+
+    A generator: close it (contextlib.closing) to stop the feeder and cancel the decodes still queued.
     """
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
