@@ -1,4 +1,4 @@
-"""What a checkpoint or an export holds, as a plain dict (rescli info)."""
+"""What a checkpoint or an export holds, as a plain dict (rescli info); the file is loaded and checked."""
 
 from __future__ import annotations
 
@@ -7,62 +7,65 @@ from pathlib import Path
 from typing import Any
 
 from rescli.core.errors import RescliError
+from rescli.inference.lookup import model_kind, run_folder_to_file
+from rescli.inference.onnx_export import describe_onnx
+from rescli.inference.torchscript_export import describe_torchscript
+from rescli.models.checkpoint import load_checkpoint, model_fields
+
+HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "val_accuracy", "ece", "best_epoch")
+
+
+SHOWN_SETTINGS = ("data_dir", "weights", "strategy_resolved", "epochs", "batch_size", "lr", "augment", "seed")
+
+
+# Buffers, not weights: BatchNorm's running statistics are not counted as parameters.
+_NOT_PARAMETERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def describe_model(path: str | os.PathLike) -> dict[str, Any]:
     """Architecture, classes, image size, normalisation, metrics, versions of a checkpoint, run folder or export."""
-    from rescli.inference.lookup import model_kind
-    from rescli.inference.lookup import run_folder_to_file as _run_folder_to_file
-
-    path = _run_folder_to_file(Path(path))
+    path = run_folder_to_file(Path(path))
     if not path.exists():
         raise RescliError(f"{path}: no such file")
     if path.is_dir():
         raise RescliError(f"{path}: is a folder; pass a model file (a run folder's best.pt, or a .ts/.onnx export)")
     size_mb = round(path.stat().st_size / 1e6, 2)
     kind = model_kind(path)
-    if kind in ("onnx", "torchscript"):
-        from rescli.inference.exported import describe_export
+    if kind == "checkpoint":
+        return _describe_checkpoint(path, size_mb=size_mb)
+    return _describe_export(path, kind=kind, size_mb=size_mb)
 
-        desc = describe_export(path)
-        meta = desc["meta"]
-        return {
-            "file": str(path),
-            "kind": kind,
-            "size_mb": size_mb,
-            "arch": meta.get("arch"),
-            "classes": meta.get("classes"),
-            "img_size": meta.get("img_size"),
-            "mean": meta.get("mean"),
-            "std": meta.get("std"),
-            "temperature": meta.get("temperature"),
-            "parameters": desc["parameters"],
-            "metrics": meta.get("metrics", {}),
-            "source": meta.get("source"),
-            "created": meta.get("created"),
-            "versions": meta.get("versions", {}),
-            "trained_with": meta.get("trained_with", {}),
-        }
-    from rescli.models.checkpoint import load_checkpoint
 
+def _describe_export(path: Path, *, kind: str, size_mb: float) -> dict[str, Any]:
+    desc = describe_torchscript(path) if kind == "torchscript" else describe_onnx(path)
+    meta = desc["meta"]
+    shown = ("arch", "classes", "img_size", "mean", "std", "temperature")
+    return {
+        "file": str(path),
+        "kind": kind,
+        "size_mb": size_mb,
+        **{k: meta.get(k) for k in shown},
+        "parameters": desc["parameters"],
+        "metrics": meta.get("metrics", {}),
+        "source": meta.get("source"),
+        "created": meta.get("created"),
+        "versions": meta.get("versions", {}),
+        "trained_with": meta.get("trained_with", {}),
+    }
+
+
+def _describe_checkpoint(path: Path, *, size_mb: float) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     metrics = ckpt.get("metrics", {})
-    headline = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "val_accuracy", "ece", "best_epoch") if k in metrics}
     settings = ckpt.get("settings", {})
     return {
         "file": str(path),
         "kind": "checkpoint" + (" (with training state)" if "optimizer" in ckpt else ""),
         "size_mb": size_mb,
-        "arch": ckpt["arch"],
-        "arch_kwargs": ckpt.get("arch_kwargs", {}),
-        "classes": ckpt["classes"],
-        "img_size": ckpt["img_size"],
-        "mean": ckpt["mean"],
-        "std": ckpt["std"],
-        "temperature": ckpt.get("temperature", 1.0),
-        "parameters": sum(int(t.numel()) for k, t in ckpt["model"].items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))),
-        "metrics": headline,
-        "settings": {k: settings[k] for k in ("data_dir", "weights", "strategy_resolved", "epochs", "batch_size", "lr", "augment", "seed") if k in settings},
+        **model_fields(ckpt),
+        "parameters": sum(int(t.numel()) for k, t in ckpt["model"].items() if not k.endswith(_NOT_PARAMETERS)),
+        "metrics": {k: metrics[k] for k in HEADLINE_METRICS if k in metrics},
+        "settings": {k: settings[k] for k in SHOWN_SETTINGS if k in settings},
         "epoch": ckpt.get("epoch"),
         "versions": ckpt.get("versions", {}),
         "created": ckpt.get("created"),

@@ -6,8 +6,9 @@ from __future__ import annotations
 import glob
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any
 
 from rescli.core.errors import RescliError, UsageError
 from rescli.data.images import (
@@ -16,7 +17,9 @@ from rescli.data.images import (
     is_hidden,
     load_rgb,
     looks_like_image,
+    not_regular_reason,
     plain_jpeg_bytes,
+    special_file,
 )
 
 GLOB_CHARS = set("*?[")
@@ -27,7 +30,7 @@ class BadInput(str):
 
     reason: str
 
-    def __new__(cls, value: str, reason: str) -> "BadInput":
+    def __new__(cls, value: str, reason: str) -> BadInput:
         obj = super().__new__(cls, value)
         obj.reason = reason
         return obj
@@ -135,8 +138,6 @@ def _clean_path(item: bytes | str, *, null_separated: bool, first: bool) -> str 
 
 
 def _images_under(folder: Path) -> Iterator[str]:
-    from rescli.data.images import not_regular_reason, special_file
-
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not is_hidden(d) and not is_clutter(d))
         for name in sorted(filenames):

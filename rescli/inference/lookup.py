@@ -21,12 +21,14 @@ def resolve_model_path(model: str | os.PathLike | None, *, cwd: str | os.PathLik
     candidates = sorted(Path(cwd).glob("runs/*/best.pt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise UsageError(
-            "no model given: pass --model PATH, set RESCLI_MODEL, or run `rescli finetune DATA` here first (it writes runs/*/best.pt)"
+            "no model given: pass --model PATH, set RESCLI_MODEL, or run `rescli finetune DATA` here first "
+            "(it writes runs/*/best.pt)"
         )
     return candidates[-1], "newest runs/*/best.pt"
 
 
 def run_folder_to_file(path: Path) -> Path:
+    """A run folder stands for its best.pt; any other path for itself."""
     if path.is_dir() and (path / "best.pt").is_file():
         return path / "best.pt"
     return path

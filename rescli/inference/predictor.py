@@ -1,8 +1,10 @@
-"""A Predictor: anything that maps a uint8 image batch to logits, with what is needed to feed it and
-read its output. The inference core that predict, evaluate and finetune's validation share."""
+"""The inference core that predict, evaluate and finetune's validation share: a Predictor maps a uint8 image batch
+to logits, whatever runs the model, and carries what is needed to feed it and read its output."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,7 +18,12 @@ from rescli.data.transforms import build_transform, to_model_input
 
 @dataclass
 class Predictor:
-    """Anything that maps a uint8 image batch to logits, plus what is needed to feed it."""
+    """Anything that maps a uint8 image batch to logits, plus what is needed to feed it.
+
+    An engine (a checkpoint in eager torch, a TorchScript or ONNX export) supplies ``logits_fn`` and the metadata
+    it was checked against on load; what the logits mean to a user (scores, labels) is worked out from them in
+    rescli.inference.scores. So a new engine touches only its loader, and a new kind of output only that module.
+    """
 
     classes: list[str]
     img_size: int
@@ -28,6 +35,18 @@ class Predictor:
     meta: dict[str, Any] = field(default_factory=dict)
     device: torch.device | None = None  # where the model runs (None: onnxruntime decides)
     source: str = "model"  # the file, for errors
+
+    @classmethod
+    def from_metadata(
+        cls, fields: Mapping[str, Any], *, logits_fn: Callable[[torch.Tensor], torch.Tensor], kind: str,
+        source: str, meta: dict[str, Any], device: torch.device | None = None,
+    ) -> Predictor:
+        """A Predictor fed as a model file's checked metadata says (a checkpoint, or an export's rescli.json)."""
+        return cls(
+            classes=list(fields["classes"]), img_size=int(fields["img_size"]), mean=list(fields["mean"]),
+            std=list(fields["std"]), temperature=float(fields.get("temperature", 1.0)), logits_fn=logits_fn,
+            kind=kind, meta=meta, device=device, source=source,
+        )
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         out = self.logits_fn(images)
@@ -62,16 +81,14 @@ def torch_logits_fn(
 class CompiledForward:
     """A torch.compile'd model for prediction, compiled for one batch shape.
 
-    Inductor turns the eval-mode net into fused convolution kernels with BatchNorm folded in: resnet18
-    and resnet50 infer ~1.7x faster on this CPU (docs/performance.md), after ~10-15 s of compiling (~2 s when
-    inductor's on-disk cache has the graph). A batch smaller than the largest seen so far is padded to it,
+    Inductor turns the eval-mode net into fused convolution kernels with BatchNorm folded in, so a CPU infers
+    faster once it has paid for the compile, which takes seconds (fewer when inductor's on-disk cache has the
+    graph; the figures are in docs/performance.md). A batch smaller than the largest seen so far is padded to it,
     since a new shape would compile again. Where compiling fails (no C++ compiler, an op inductor lacks),
     it says so once and runs the model as it is.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        import logging
-
         # On a CPU-only machine inductor logs that it found no CUDA runtime: true, and of no interest here.
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self.model = model
@@ -85,13 +102,20 @@ class CompiledForward:
         n = len(x)
         self.rows = max(self.rows, n)
         if n < self.rows:
-            fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-            padded = torch.zeros((self.rows, *x.shape[1:]), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
-            padded[:n] = x
-            x = padded
+            x = _padded(x, self.rows)
         try:
             return self.compiled(x)[:n]
         except Exception as exc:
             self.failed = True
-            events.warn(f"--compile: torch.compile failed ({type(exc).__name__}: {first_line(exc, 200)}); running the model uncompiled")
+            events.warn(f"--compile: torch.compile failed ({type(exc).__name__}: {first_line(exc, 200)}); "
+                        f"running the model uncompiled")
             return self.model(x[:n])
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` followed by zero rows up to ``rows``, in ``x``'s memory format (the compiled graph expects it)."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    padded = torch.zeros((rows, *x.shape[1:]), dtype=x.dtype, device=x.device).contiguous(memory_format=layout)
+    padded[:len(x)] = x
+    return padded

@@ -20,16 +20,18 @@ import os
 import platform
 import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
+import torchvision
 from torch import nn
 
 from rescli import __version__
 from rescli.core.errors import RescliError, first_line
 from rescli.core.fileio import atomic_write_bytes, json_default
-from rescli.models.registry import create_model
+from rescli.models.registry import arch_spec, check_arch_kwargs, create_model, head_prefix
 
 FORMAT = "rescli-checkpoint"
 
@@ -45,8 +47,6 @@ MAX_IMG_SIZE = 8192
 
 
 def versions() -> dict[str, str]:
-    import torchvision
-
     return {
         # str(): torch.__version__ is a TorchVersion object, which the weights_only loader refuses.
         "rescli": str(__version__),
@@ -115,7 +115,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     ckpt = load_weights_only(path, map_location=map_location, what=f"{path}: not a readable rescli checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise RescliError(
-            f"{path}: not a rescli checkpoint (no '{FORMAT}' marker); to start from plain ResNet weights use --weights {path}"
+            f"{path}: not a rescli checkpoint (no '{FORMAT}' marker); "
+            f"to start from plain ResNet weights use --weights {path}"
         )
     if int(ckpt.get("format_version", 0)) > FORMAT_VERSION:
         raise RescliError(
@@ -222,7 +223,7 @@ def check_model_metadata(
     if duplicates:
         raise bad("classes", f"names {', '.join(map(repr, duplicates[:3]))} more than once")
     img_size = meta.get("img_size")
-    if not _is_int(img_size) or not 1 <= img_size <= MAX_IMG_SIZE:
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or not 1 <= img_size <= MAX_IMG_SIZE:
         raise bad("img_size", f"expected a whole number of pixels from 1 to {MAX_IMG_SIZE}")
     for field in ("mean", "std"):
         values = meta.get(field)
@@ -239,8 +240,6 @@ def check_model_metadata(
 
 def check_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike) -> None:
     """check_model_metadata, plus what only a checkpoint has: an architecture rescli knows and its weights."""
-    from rescli.models.registry import arch_spec, check_arch_kwargs, head_prefix
-
     state = ckpt.get("model")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RescliError(f"{path}: model: expected a state_dict (names to tensors); the file was altered or damaged")
@@ -256,16 +255,28 @@ def check_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike) -> Non
         raise RescliError(f"{path}: arch {str(arch)[:60]!r}: {exc.message}") from None
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_rescli_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def model_fields(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """What a loaded checkpoint says about its network, how to feed it and how to read its logits.
+
+    One list for every place that passes these on: an export's metadata and ``rescli info`` show the same fields.
+    """
+    return {
+        "arch": ckpt["arch"],
+        "arch_kwargs": ckpt.get("arch_kwargs", {}),
+        "classes": ckpt["classes"],
+        "img_size": ckpt["img_size"],
+        "mean": ckpt["mean"],
+        "std": ckpt["std"],
+        "temperature": ckpt.get("temperature", 1.0),
+    }
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], *, source: str | os.PathLike | None = None) -> nn.Module:

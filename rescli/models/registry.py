@@ -14,6 +14,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from rescli.core.errors import UsageError
+from rescli.models.cifar import SHORTCUTS, cifar_resnet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
@@ -36,7 +37,10 @@ class ArchSpec:
 
 
 def _torchvision_arch(name: str, builder: Callable[..., nn.Module], enum: Any) -> ArchSpec:
-    return ArchSpec(name=name, build=lambda num_classes, **kw: builder(weights=None, num_classes=num_classes, **kw), weights_enum=enum)
+    def build(num_classes: int, **arch_kwargs: Any) -> nn.Module:
+        return builder(weights=None, num_classes=num_classes, **arch_kwargs)
+
+    return ArchSpec(name=name, build=build, weights_enum=enum)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -58,11 +62,12 @@ def _cifar_spec(name: str) -> ArchSpec | None:
     m = re.fullmatch(r"(resnet|plain)(\d+)", name)
     if not m or int(m.group(2)) in TORCHVISION_DEPTHS:
         return None
-    from rescli.models.cifar import cifar_resnet
-
     depth, residual = int(m.group(2)), m.group(1) == "resnet"
     if depth < 8 or (depth - 2) % 6:
-        raise UsageError(f"unknown architecture {name!r}: CIFAR-style {m.group(1)}N nets have N = 6n+2 layers (20, 32, 44, 56, 110, ...)")
+        raise UsageError(
+            f"unknown architecture {name!r}: CIFAR-style {m.group(1)}N nets have N = 6n+2 layers "
+            f"(20, 32, 44, 56, 110, ...)"
+        )
     return ArchSpec(
         name=name,
         build=lambda num_classes, **kw: cifar_resnet(depth, num_classes, residual=residual, **kw),
@@ -94,15 +99,21 @@ def check_arch_kwargs(arch: str, arch_kwargs: dict[str, Any] | None) -> dict[str
     spec = arch_spec(arch)
     if spec.family != "cifar":
         if kw:
-            raise UsageError(f"--shortcut (or {', '.join(kw)}): only for CIFAR-style nets (resnet20/32/44/56/110, plain20...); {arch} takes none")
+            raise UsageError(
+                f"--shortcut (or {', '.join(kw)}): only for CIFAR-style nets (resnet20/32/44/56/110, plain20...); "
+                f"{arch} takes none"
+            )
         return kw
     unknown = sorted(set(kw) - {"shortcut"})
     if unknown:
         raise UsageError(f"{arch}: unknown option(s) {', '.join(unknown)}; CIFAR-style nets take only shortcut")
     if "shortcut" in kw:
         sc = str(kw["shortcut"]).upper()
-        if sc not in ("A", "B", "C"):
-            raise UsageError(f"--shortcut {kw['shortcut']!r}: expected A (identity + zero-pad), B (projection when the shape changes) or C (projection everywhere)")
+        if sc not in SHORTCUTS:
+            raise UsageError(
+                f"--shortcut {kw['shortcut']!r}: expected A (identity + zero-pad), "
+                f"B (projection when the shape changes) or C (projection everywhere)"
+            )
         kw["shortcut"] = sc
     return kw
 

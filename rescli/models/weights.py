@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from rescli.core.errors import RescliError, UsageError
+from rescli.core.events import info
+from rescli.models.checkpoint import check_checkpoint, is_rescli_checkpoint, load_weights_only
 from rescli.models.registry import (
     ARCHS,
     CIFAR_DEPTHS,
@@ -37,7 +39,9 @@ def torch_hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def load_pretrained(model: nn.Module, *, arch: str, weights: str, arch_kwargs: dict[str, Any] | None = None) -> WeightsInfo:
+def load_pretrained(
+    model: nn.Module, *, arch: str, weights: str, arch_kwargs: dict[str, Any] | None = None
+) -> WeightsInfo:
     """Put ``weights`` (none | imagenet | PATH) into ``model``'s backbone; the head stays new."""
     w = (weights or "none").strip()
     if w.lower() == "none":
@@ -49,14 +53,13 @@ def load_pretrained(model: nn.Module, *, arch: str, weights: str, arch_kwargs: d
     path = Path(w).expanduser()
     if not path.exists():
         raise UsageError(f"--weights {w}: no such file (use imagenet, none, or a path to a .pt/.pth file)")
-    obj = _load_weights_file(path)
-    from rescli.models.checkpoint import check_checkpoint, is_rescli_checkpoint
-
+    obj = load_weights_only(path, map_location="cpu", what=f"--weights {path}: not a readable weights file")
     if is_rescli_checkpoint(obj):
         check_checkpoint(obj, path=f"--weights {path}")  # its mean/std become this run's: a std of 0 would train on NaN
         if obj["arch"] != arch or obj.get("arch_kwargs", {}) != (arch_kwargs or {}):
             raise UsageError(
-                f"--weights {path}: that checkpoint is a {obj['arch']}; pass --arch {obj['arch']} (or the matching --depth) to reuse it"
+                f"--weights {path}: that checkpoint is a {obj['arch']}; "
+                f"pass --arch {obj['arch']} (or the matching --depth) to reuse it"
             )
         _load_backbone(model, obj["model"], source=str(path))
         return WeightsInfo(str(path), tuple(obj["mean"]), tuple(obj["std"]), pretrained=True, from_checkpoint=obj)
@@ -67,11 +70,14 @@ def load_pretrained(model: nn.Module, *, arch: str, weights: str, arch_kwargs: d
 def _imagenet_state(arch: str) -> tuple[dict[str, torch.Tensor], str]:
     spec = arch_spec(arch)
     if spec.weights_enum is None:
-        raise UsageError(f"--weights imagenet: there are no ImageNet weights for {arch} (CIFAR-style nets train from scratch); use --weights none")
+        raise UsageError(
+            f"--weights imagenet: there are no ImageNet weights for {arch} (CIFAR-style nets train from scratch); "
+            f"use --weights none"
+        )
     enum = spec.weights_enum.DEFAULT  # torchvision's best published weights for this architecture
     cached = torch_hub_checkpoint_dir() / os.path.basename(enum.url)
     if not cached.exists():
-        print_to_stderr(f"downloading {enum} to {cached.parent}")
+        info(f"downloading {enum} to {cached.parent}")
     previous = socket.getdefaulttimeout()
     # Without a timeout an offline machine can hang for minutes on DNS/TCP; fail in seconds instead.
     socket.setdefaulttimeout(20)
@@ -86,18 +92,6 @@ def _imagenet_state(arch: str) -> tuple[dict[str, torch.Tensor], str]:
     finally:
         socket.setdefaulttimeout(previous)
     return state, str(enum)
-
-
-def print_to_stderr(message: str) -> None:
-    from rescli.core.events import info
-
-    info(message)
-
-
-def _load_weights_file(path: Path) -> Any:
-    from rescli.models.checkpoint import load_weights_only
-
-    return load_weights_only(path, map_location="cpu", what=f"--weights {path}: not a readable weights file")
 
 
 def _state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
