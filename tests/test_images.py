@@ -340,7 +340,7 @@ def test_truncated_images_stay_broken():
 
 
 def test_module_does_not_import_torch():
-    code = "import sys, rescli.images; print('torch' in sys.modules)"
+    code = "import sys, rescli.data.images, rescli.data.checks, rescli.data.scan; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])})
     assert out.stdout.strip() == "False"
