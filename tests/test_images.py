@@ -16,17 +16,10 @@ from PIL import Image, ImageFile
 from rescli.core.errors import RescliError
 from rescli.data import checks
 from rescli.data.checks import cache_file_for, check_images, default_cache_dir
-from rescli.data.images import (
-    ImageError,
-    ImageInfo,
-    check_image,
-    is_clutter,
-    is_hidden,
-    load_rgb,
-    looks_like_image,
-    sniff_format,
-    to_rgb,
-)
+from rescli.data.files import is_clutter, is_hidden
+from rescli.data.formats import looks_like_image, sniff_format
+from rescli.data.images import ImageError, ImageInfo, check_image, load_rgb
+from rescli.data.rgb import to_rgb
 
 
 @pytest.fixture(scope="module")

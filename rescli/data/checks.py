@@ -17,7 +17,8 @@ import PIL
 from PIL import Image
 
 from rescli.core.cpus import available_cpus
-from rescli.data.images import ImageInfo, check_image, fs_name
+from rescli.data.files import fs_name
+from rescli.data.images import ImageInfo, check_image
 
 _CACHE_VERSION = 2  # 2: entries are keyed on inode and ctime too
 
