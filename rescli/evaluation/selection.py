@@ -46,8 +46,8 @@ def select_images(
     if record and root.resolve() == Path(record["root"]):
         return _training_folder(root, record, classes=classes, split=split)
     split_dirs = split_layout_folders(root)
-    trained_on = settings.get("data_dir")
-    trained_here = bool(trained_on) and root.resolve() == Path(trained_on).expanduser().resolve()
+    trained_on = settings.get("data_dir") or None
+    trained_here = trained_on is not None and root.resolve() == Path(trained_on).expanduser().resolve()
     if not record and trained_here and "train" not in split_dirs:
         return _redrawn_split(root, classes=classes, split=split, settings=settings)
     if "train" in split_dirs or (split in split_dirs and split != "all"):
