@@ -52,25 +52,13 @@ from rescli.train.settings import TrainSettings
 STAGES = ("stem", *STAGE_NAMES, "head")
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """The experiment's recipe. Differences from finetune's defaults, and why:
-      augment none      - the question is how well each net *fits* the training set; random crops and
-                          flips would make "training error" a moving target (and flips change digits).
-      label smoothing 0 - the plain cross-entropy objective of the paper.
-    Everything else (AdamW, 10% warmup + cosine, weight decay 0.05, grad clip 1.0) is finetune's recipe.
-    """
-
-    epochs: int = 12
-    batch_size: int = 64
-    img_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.0
-    augment: str = "none"
-
-
-RECIPE = Recipe()
+# The experiment's recipe: finetune's settings, trained from scratch, with two differences, and why:
+#   augment none      - the question is how well each net *fits* the training set; random crops and
+#                       flips would make "training error" a moving target (and flips change digits).
+#   label smoothing 0 - the plain cross-entropy objective of the paper.
+# Everything else (AdamW, 10% warmup + cosine, weight decay 0.05, grad clip 1.0) is finetune's recipe.
+RECIPE = TrainSettings(data_dir="", weights="none", strategy="full", epochs=12, batch_size=64, img_size=32, lr=2e-3,
+                       weight_decay=0.05, label_smoothing=0.0, augment="none")
 
 
 def parse_depths(spec: str | Sequence[int]) -> list[int]:
@@ -211,11 +199,10 @@ def run_degradation(
     # --precision auto: the device's fast type, passed on explicitly. finetune's auto trains small images in fp32 on
     # CPU (right for resnet18); these 16-64-channel nets are the other way round (the step times are in
     # docs/degradation.md, "How to run it").
-    base = TrainSettings(
-        data_dir=str(data_dir), weights="none", strategy="full", epochs=epochs, batch_size=batch_size,
-        img_size=img_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment,
-        val_split=val_split, seed=seed, workers=workers, device=device,
-        precision=runtime.precision if precision.lower() == "auto" else precision,
+    base = dataclasses.replace(
+        RECIPE, data_dir=str(data_dir), epochs=epochs, batch_size=batch_size, img_size=img_size, lr=lr,
+        weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, val_split=val_split, seed=seed,
+        workers=workers, device=device, precision=runtime.precision if precision.lower() == "auto" else precision,
     )
     previous_threads = torch.get_num_threads()
     if threads is not None:
