@@ -55,3 +55,14 @@ def test_evaluate_sees_a_class_named_train_as_a_class_as_training_does(tmp_path)
     chosen = select_images(folder, classes=["red", "train"], split=None, record=None, settings={})
     assert (chosen.split, chosen.name, chosen.held_out) == (None, "trains", True)
     assert sorted(chosen.samples) == sorted(index.splits["train"])
+
+
+def test_the_check_cache_is_written_like_any_file_the_user_creates(tmp_path, monkeypatch):
+    """Guard: one atomic write (core.fileio) for everything, so no cache file ends up 0600 as tempfile.mkstemp's do."""
+    monkeypatch.setenv("RESCLI_CACHE_DIR", str(tmp_path / "cache"))
+    folder = make_class_folder(tmp_path / "d", per_class=2, size=8)
+    scan_dataset(folder, workers=1)
+    (cache_file,) = (tmp_path / "cache" / "checks").iterdir()
+    probe = tmp_path / "cache" / "probe"
+    probe.write_bytes(b"")
+    assert cache_file.stat().st_mode & 0o777 == probe.stat().st_mode & 0o777
