@@ -1,4 +1,4 @@
-"""rescli.images: every messy file a user's photo folder holds is read correctly or reported by name, never crashes."""
+"""rescli.data: every messy file a user's photo folder holds is read correctly or reported by name, never crashes."""
 
 from __future__ import annotations
 
