@@ -18,9 +18,8 @@ from rescli.evaluation.calibration import (
     reliability_bins,
     softmax,
 )
+from rescli.evaluation.confusion import confusion_subset, most_confused
 from rescli.evaluation.plots import (
-    confusion_subset,
-    most_confused,
     plot_confusion_matrix,
     plot_curves,
     plot_lr_find,

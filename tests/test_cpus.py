@@ -39,7 +39,7 @@ def test_another_cpu_bound_process_is_seen(competitor):
 
 
 def _adapt_in_a_fresh_process(env: dict) -> list[str]:
-    code = ("import os; from rescli.cpus import adapt_to_load; p = adapt_to_load(); "
+    code = ("import os; from rescli.core.cpus import adapt_to_load; p = adapt_to_load(); "
             "print(os.environ.get('OMP_NUM_THREADS')); print(os.environ.get('OMP_WAIT_POLICY'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -1,4 +1,4 @@
-"""rescli.images: every messy file a user's photo folder holds is read correctly or reported by name, never crashes."""
+"""rescli.data: every messy file a user's photo folder holds is read correctly or reported by name, never crashes."""
 
 from __future__ import annotations
 
@@ -16,17 +16,10 @@ from PIL import Image, ImageFile
 from rescli.core.errors import RescliError
 from rescli.data import checks
 from rescli.data.checks import cache_file_for, check_images, default_cache_dir
-from rescli.data.images import (
-    ImageError,
-    ImageInfo,
-    check_image,
-    is_clutter,
-    is_hidden,
-    load_rgb,
-    looks_like_image,
-    sniff_format,
-    to_rgb,
-)
+from rescli.data.files import is_clutter, is_hidden
+from rescli.data.formats import looks_like_image, sniff_format
+from rescli.data.images import ImageError, ImageInfo, check_image, load_rgb
+from rescli.data.rgb import to_rgb
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +333,7 @@ def test_truncated_images_stay_broken():
 
 
 def test_module_does_not_import_torch():
-    code = "import sys, rescli.images; print('torch' in sys.modules)"
+    code = "import sys, rescli.data.images, rescli.data.checks, rescli.data.scan; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])})
     assert out.stdout.strip() == "False"

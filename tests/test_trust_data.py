@@ -194,14 +194,8 @@ def test_fifo_named_like_an_image_is_ignored_never_opened(tmp_path):
 
 
 def test_image_readers_refuse_fifos_and_devices_without_blocking(tmp_path):
-    from rescli.data.images import (
-        ImageError,
-        check_image,
-        load_rgb,
-        looks_like_image,
-        plain_jpeg_bytes,
-        sniff_format,
-    )
+    from rescli.data.formats import looks_like_image, sniff_format
+    from rescli.data.images import ImageError, check_image, load_rgb, plain_jpeg_bytes
 
     fifo = make_fifo(tmp_path / "x.jpg")
 

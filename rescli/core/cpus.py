@@ -132,9 +132,9 @@ def let_idle_threads_sleep() -> None:
     """Let OpenMP threads sleep, not spin, between the model's parallel regions (unless the user chose).
 
     predict decodes the next batch in threads while the model works on this one; spinning OpenMP
-    threads keep the cores those decode threads need. Measured on 2 cores (resnet18, 224 px): 3-10 %
-    more images/s. Not for training, whose many short parallel regions pay for each wake-up (53 -> 47
-    img/s). Only takes effect before torch is imported: OpenMP reads it when it loads.
+    threads keep the cores those decode threads need, and sleeping ones give them back (the gain is in
+    docs/performance.md, "How rescli is fast"). Not for training, whose many short parallel regions pay
+    for each wake-up. Only takes effect before torch is imported: OpenMP reads it when it loads.
     """
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -17,8 +17,9 @@ import json
 import os
 import re
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rescli.core.errors import RescliError
 

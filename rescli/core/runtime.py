@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import ContextManager
 
 import torch
 
@@ -79,7 +78,7 @@ class Runtime:
     def amp_dtype(self) -> torch.dtype | None:
         return _DTYPES.get(self.precision)
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
@@ -111,8 +110,8 @@ def default_workers() -> int:
     cpus = available_cpus()
     if torch.cuda.is_available():
         return max(1, min(16, cpus - 1))
-    # On a CPU the model's OpenMP threads want every core, and a decode process beside them makes them
-    # wait on each other: measured back to back on 2 cores (resnet18, 224 px, JPEGs), one worker process
-    # trained 1.5x slower than decoding in the main process. Decoding is ~2 ms an image against ~20-60 ms of training, so
-    # small machines decode inline and big ones give decoding one core in four.
+    # On a CPU the model's OpenMP threads want every core, and a decode process beside them makes them wait on
+    # each other: on a small machine one worker process trains slower than decoding in the main process
+    # (docs/performance.md, "How rescli is fast"). Decoding an image costs a small fraction of its training
+    # step, so small machines decode inline and big ones give decoding one core in four.
     return 0 if cpus <= 5 else min(8, cpus // 4)

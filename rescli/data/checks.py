@@ -9,15 +9,19 @@ import hashlib
 import json
 import os
 import pathlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict
-from typing import Callable, Sequence
+from typing import Callable
 
 import PIL
 from PIL import Image
 
 from rescli.core.cpus import available_cpus
-from rescli.data.images import ImageInfo, check_image, fs_name
+from rescli.core.events import warn
+from rescli.core.fileio import atomic_write_text
+from rescli.data.files import fs_name
+from rescli.data.images import ImageInfo, check_image
 
 _CACHE_VERSION = 2  # 2: entries are keyed on inode and ctime too
 
@@ -56,16 +60,12 @@ def _from_cache(entry: object, name: str, st: os.stat_result) -> ImageInfo | Non
 
 
 def _write_cache(cache_file: str | os.PathLike, entries: dict) -> None:
-    from rescli.core.fileio import atomic_write_text
-
     target = pathlib.Path(cache_file)
     try:
         # ensure_ascii: file names that are not UTF-8 are kept as \udcNN escapes, which json.load gives back exactly.
         atomic_write_text(target, json.dumps({**_cache_stamp(), "entries": entries}, ensure_ascii=True),
                           undecodable="json")
     except OSError as exc:  # a cache we cannot write only costs time next run
-        from rescli.core.events import warn
-
         warn(f"could not write image check cache {target}: {exc.strerror or exc}")
 
 
@@ -100,37 +100,45 @@ def check_images(
             todo.append(name)
     if progress and results:
         progress(len(results))
-
-    workers = max(1, workers or available_cpus())
     try:
-        if workers == 1 or len(todo) <= 1:
-            for name in todo:
-                results[name] = check_image(name)
-                if progress:
-                    progress(1)
-        else:
-            # Threads, not processes: Pillow's decoders, conversions and hashlib release the GIL, so threads scale
-            # like forked processes without their pickling and start-up cost or fork-with-threads hazards. Measured on
-            # 2 cores, 90 JPEG/PNG files (2000x1500 / 800x600): serial 0.58 s, 2 threads 0.27 s, 2 forked processes
-            # 0.30 s, 2 spawned processes 0.60-0.79 s.
-            with ThreadPoolExecutor(workers, thread_name_prefix="rescli-check") as pool:
-                futures = {pool.submit(check_image, name): name for name in todo}
-                try:
-                    for fut in as_completed(futures):
-                        results[futures[fut]] = fut.result()
-                        if progress:
-                            progress(1)
-                finally:
-                    pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C, drop the queue; finish the few running
+        _check_uncached(todo, results, workers=max(1, workers or available_cpus()), progress=progress)
     finally:
         if cache_file is not None:  # also after an interrupt, so finished work is not redone
-            entries = {
-                stats[name][0]: {**_stat_key(stats[name][1]), **{k: v for k, v in asdict(info).items() if k != "path"}}
-                for name, info in results.items()
-                if name in stats and info.sha1  # unreadable files (permissions, I/O errors) may be fine next time
-            }
-            _write_cache(cache_file, entries)
+            _write_cache(cache_file, _cache_entries(results, stats))
     return {name: results[name] for name in names}
+
+
+def _check_uncached(
+    names: list[str], results: dict[str, ImageInfo], *, workers: int, progress: Callable[[int], None] | None
+) -> None:
+    """check_image() of each of ``names`` into ``results``, as they finish."""
+    if workers == 1 or len(names) <= 1:
+        for name in names:
+            results[name] = check_image(name)
+            if progress:
+                progress(1)
+        return
+    # Threads, not processes: Pillow's decoders, conversions and hashlib release the GIL, so threads scale like
+    # forked processes without their pickling and start-up cost or fork-with-threads hazards, and spawned processes
+    # are slower than checking serially (the figures are in docs/performance.md).
+    with ThreadPoolExecutor(workers, thread_name_prefix="rescli-check") as pool:
+        futures = {pool.submit(check_image, name): name for name in names}
+        try:
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                if progress:
+                    progress(1)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C, drop the queue; finish the few running
+
+
+def _cache_entries(results: dict[str, ImageInfo], stats: dict[str, tuple[str, os.stat_result]]) -> dict:
+    """The cache's entries for ``results``: each keyed by absolute path, with the stat it was checked under."""
+    return {
+        stats[name][0]: {**_stat_key(stats[name][1]), **{k: v for k, v in asdict(info).items() if k != "path"}}
+        for name, info in results.items()
+        if name in stats and info.sha1  # unreadable files (permissions, I/O errors) may be fine next time
+    }
 
 
 def default_cache_dir() -> pathlib.Path:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -21,8 +22,8 @@ class DecodedCache:
     """Transformed uint8 images kept in memory from their first load on, for transforms without randomness.
 
     Validation passes, and training with --augment none, turn each file into the same pixels every epoch;
-    keeping them lets every epoch after the first skip reading, decoding and resizing (~2 ms a 500x375
-    JPEG, a tenth of a bf16 resnet18 training step per image on 2 cores). Slots are in shared memory when
+    keeping them lets every epoch after the first skip reading, decoding and resizing, which on a CPU is a
+    noticeable share of a training step (docs/performance.md, "How rescli is fast"). Slots are in shared memory when
     decode worker processes fill them, so the main process, every worker and later epochs see them. Holds
     the first ``capacity`` images by index; the others are decoded each time.
     """
@@ -30,7 +31,8 @@ class DecodedCache:
     def __init__(self, n: int, img_size: int, *, budget_bytes: int, shared: bool) -> None:
         per_image = 3 * img_size * img_size
         self.capacity = max(0, min(n, budget_bytes // per_image))
-        self.images = torch.empty((self.capacity, 3, img_size, img_size), dtype=torch.uint8)  # pages are touched as slots fill
+        # torch.empty: the pages are only touched (and take memory) as slots fill.
+        self.images = torch.empty((self.capacity, 3, img_size, img_size), dtype=torch.uint8)
         self.filled = torch.zeros(self.capacity, dtype=torch.bool)
         if shared and self.capacity:
             self.images.share_memory_()
@@ -115,7 +117,7 @@ class Batch:
     indices: torch.Tensor  # int64 [B], positions in the dataset
     failures: list[tuple[int, str]]  # (dataset index, message) for items that could not be loaded
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         self.images = self.images.pin_memory()
         self.labels = self.labels.pin_memory()
         return self

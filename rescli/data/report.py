@@ -77,7 +77,8 @@ def find_duplicates(index: DatasetIndex, used: list[tuple[str, str, str]]) -> li
     """Groups of usable images with identical bytes, worst first.
 
     kind: "label-conflict" (the same picture in two classes: one label is wrong), "leak" (the same picture in two
-    splits: validation scores are inflated), or "copy" (repeated within one class and split: harmless but counted twice).
+    splits: validation scores are inflated), or "copy" (repeated within one class and split: harmless but counted
+    twice).
     A group can be both a label conflict and a leak; ``leak`` and ``label_conflict`` say so separately.
     """
     groups: dict[str, list[tuple[str, str, str]]] = {}

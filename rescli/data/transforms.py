@@ -3,7 +3,8 @@ batched normalisation on the device."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -22,7 +23,8 @@ def build_transform(*, img_size: int, train: bool, augment: str = "light") -> Ca
         steps: list[Any] = [CenterSquare(img_size)]
     elif augment == "light":
         # Mild crops: short runs on small folders learn faster than with ImageNet's 0.08-1.0 range.
-        steps = [T.RandomResizedCrop(img_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True), T.RandomHorizontalFlip()]
+        steps = [T.RandomResizedCrop(img_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
+                 T.RandomHorizontalFlip()]
     else:  # strong
         steps = [
             T.RandomResizedCrop(img_size, scale=(0.25, 1.0), antialias=True),
@@ -37,8 +39,8 @@ class CenterSquare:
     """The central square of a PIL image, resized to size x size (bilinear, antialiased), in one Pillow call.
 
     What Resize(size) + CenterCrop(size) give, up to the crop's rounding to whole pixels, without resizing
-    the strips the crop would throw away (a quarter of a 4:3 photo): 0.98 -> 0.76 ms for a 500x375 JPEG,
-    a tenth of the per-image CPU that prediction spends besides the model.
+    the strips the crop would throw away (a quarter of a 4:3 photo); the time saved per image is in
+    docs/performance.md ("How rescli is fast").
     """
 
     def __init__(self, size: int) -> None:
@@ -48,7 +50,7 @@ class CenterSquare:
         w, h = img.size
         side = min(w, h)
         left, top = (w - side) / 2, (h - side) / 2
-        return img.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + side, top + side))
+        return img.resize((self.size, self.size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
 
     def __repr__(self) -> str:
         return f"CenterSquare({self.size})"
@@ -63,7 +65,8 @@ def center_square_tensor(image: torch.Tensor, size: int) -> torch.Tensor:
     square = image[:, top:top + side, left:left + side]
     if side == size:
         return square.contiguous()
-    resized = torch.nn.functional.interpolate(square[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    resized = torch.nn.functional.interpolate(square[None].float(), size=(size, size), mode="bilinear",
+                                              antialias=True, align_corners=False)
     return resized[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -73,7 +76,8 @@ def draft_size_for(img_size: int, *, train: bool) -> int:
 
 
 def to_model_input(
-    images: torch.Tensor, *, device: torch.device, mean: Sequence[float], std: Sequence[float], channels_last: bool = True
+    images: torch.Tensor, *, device: torch.device, mean: Sequence[float], std: Sequence[float],
+    channels_last: bool = True,
 ) -> torch.Tensor:
     """uint8 batch -> normalised float batch on ``device`` (the copy is 4x smaller as uint8)."""
     x = images.to(device, non_blocking=True)

@@ -13,24 +13,14 @@ import numpy as np
 
 from rescli.core.errors import RescliError
 from rescli.core.fileio import atomic_write_json, atomic_write_text
-from rescli.evaluation.calibration import (
-    fit_temperature,
-    softmax,
-)
-from rescli.evaluation.evaluate import (
-    ECE_BINS,
-    MAX_PLOT_CLASSES,
-    TOP_LOSSES,
-    EvalResult,
-    metrics_from,
-    per_sample,
-)
-from rescli.evaluation.plots import (
-    plot_confusion_matrix,
-    plot_curves,
-    plot_reliability,
-    plot_top_losses,
-)
+from rescli.evaluation.calibration import fit_temperature, softmax
+from rescli.evaluation.evaluate import EvalResult
+from rescli.evaluation.metrics import ECE_BINS, TOP_LOSSES, metrics_from, per_sample
+from rescli.evaluation.plots import plot_confusion_matrix, plot_curves, plot_reliability, plot_top_losses
+from rescli.evaluation.report import write_html_report
+
+#: Above this many classes confusion_matrix.png shows the classes most involved in confusions.
+MAX_PLOT_CLASSES = 30
 
 
 def write_predictions_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -41,9 +31,14 @@ def write_predictions_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     fields = ["path", "true", "predicted", "score", "true_score", "loss", "correct"]
     writer.writerow(fields)
     for r in rows:
-        writer.writerow([f"{r[f]:.6f}" if isinstance(r[f], float) else str(r[f]).lower() if isinstance(r[f], bool) else r[f]
-                         for f in fields])
+        writer.writerow([_csv_cell(r[f]) for f in fields])
     atomic_write_text(path, buf.getvalue())
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    return str(value).lower() if isinstance(value, bool) else value
 
 
 def fitted_temperature(ev: EvalResult) -> tuple[float, str | None]:
@@ -91,21 +86,26 @@ def write_evaluation(
     if extra:
         metrics.update(extra)
     try:
-        rows = per_sample(ev, classes, temperature=t)
-        write_predictions_csv(out / "predictions.csv", rows)
+        write_predictions_csv(out / "predictions.csv", per_sample(ev, classes, temperature=t))
         if n:
-            plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), classes, out / "confusion_matrix.png",
-                                        max_classes=MAX_PLOT_CLASSES)
-            plot_top_losses(metrics["top_losses"], out / "top_losses.png", max_items=TOP_LOSSES)
-            plot_reliability(softmax(ev.logits, t), ev.y_true, out / "reliability.png", n_bins=ECE_BINS,
-                                   **({"temperature": t, "logits": ev.logits} if t != 1.0 else {}))
+            _write_figures(out, ev, classes, metrics, temperature=t)
         if history is not None:
             plot_curves(history, out / "curves.png")
         atomic_write_json(out / "metrics.json", metrics)
         if report:
-            from rescli.evaluation.report import write_html_report
-
             write_html_report(out)
     except OSError as exc:
         raise RescliError(f"cannot write evaluation files to {out}: {exc.strerror or exc}") from exc
     return metrics
+
+
+def _write_figures(
+    out: Path, ev: EvalResult, classes: list[str], metrics: dict[str, Any], *, temperature: float
+) -> None:
+    """confusion_matrix.png, top_losses.png and reliability.png (before and after the temperature, if it is not 1)."""
+    plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), classes, out / "confusion_matrix.png",
+                          max_classes=MAX_PLOT_CLASSES)
+    plot_top_losses(metrics["top_losses"], out / "top_losses.png", max_items=TOP_LOSSES)
+    scaled = temperature != 1.0
+    plot_reliability(softmax(ev.logits, temperature), ev.y_true, out / "reliability.png", n_bins=ECE_BINS,
+                     temperature=temperature if scaled else None, logits=ev.logits if scaled else None)

@@ -7,16 +7,19 @@ from pathlib import Path
 from typing import Any
 
 from rescli.core.errors import RescliError, UsageError
+from rescli.core.paths import refuse_inside_data
 from rescli.core.runtime import default_workers
 from rescli.data.loading import ImageSamples, make_loader
 from rescli.data.transforms import draft_size_for
 from rescli.evaluation.artefacts import write_evaluation
-from rescli.evaluation.evaluate import EvalResult, metrics_from, run_eval
+from rescli.evaluation.evaluate import EvalResult, run_eval
+from rescli.evaluation.metrics import metrics_from
 from rescli.evaluation.selection import (
     count_seen_in_training,
     select_images,
     training_record,
 )
+from rescli.inference.load import load_predictor
 
 
 def evaluate_folder(
@@ -40,28 +43,23 @@ def evaluate_folder(
     folder. Returns (metrics, per-sample result, output folder or None); ``metrics["evaluated"]`` says which
     images were scored (``split``, ``note``) and how many of them the model was trained on (``seen_in_training``).
     """
-    from rescli.core.paths import refuse_inside_data
-    from rescli.inference.load import load_predictor
-
     model = Path(model)
     predictor = load_predictor(model, device=device, precision=precision, compile=compile)
     record = training_record(predictor)
     chosen = select_images(data_dir, classes=predictor.classes, split=split, record=record,
                            settings=predictor.meta.get("settings", {}))
     if not chosen.samples:
-        raise RescliError(f"{data_dir}: no images to evaluate" + (f" in the {chosen.split} split" if chosen.split else ""))
+        where = f" in the {chosen.split} split" if chosen.split else ""
+        raise RescliError(f"{data_dir}: no images to evaluate{where}")
     data_root = Path(data_dir).expanduser().resolve()
-    out_dir = None
-    if write_files:
-        out_dir = Path(output).expanduser().resolve() if output is not None else model.resolve().parent / f"eval-{chosen.name}"
-        refuse_inside_data(out_dir, data_root, what="evaluation output")
-        if out_dir.exists() and not out_dir.is_dir():
-            raise UsageError(f"--output {out_dir}: exists and is not a folder")
+    out_dir = _output_folder(output, model=model, name=chosen.name, data_root=data_root) if write_files else None
     n_workers = default_workers() if workers is None else workers
-    seen = count_seen_in_training(chosen.samples, record, workers=max(2, n_workers)) if chosen.split not in ("train", "all") else None
-    dataset = ImageSamples(chosen.samples, predictor.transform(), draft_size=draft_size_for(predictor.img_size, train=False))
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=n_workers)
-    ev = run_eval(predictor.logits, loader)
+    seen = None
+    if chosen.split not in ("train", "all"):
+        seen = count_seen_in_training(chosen.samples, record, workers=max(2, n_workers))
+    dataset = ImageSamples(chosen.samples, predictor.transform(),
+                           draft_size=draft_size_for(predictor.img_size, train=False))
+    ev = run_eval(predictor.logits, make_loader(dataset, batch_size=batch_size, shuffle=False, workers=n_workers))
     if len(ev.y_true) == 0:
         raise RescliError(f"{data_dir}: none of the {len(chosen.samples)} image(s) could be read")
     temperature = 1.0 if raw_scores else predictor.temperature
@@ -81,5 +79,15 @@ def evaluate_folder(
         metrics = metrics_from(ev, predictor.classes, temperature=temperature)
         metrics.update(extra)
     else:
-        metrics = write_evaluation(out_dir=out_dir, ev=ev, classes=predictor.classes, temperature=temperature, extra=extra)
+        metrics = write_evaluation(out_dir=out_dir, ev=ev, classes=predictor.classes, temperature=temperature,
+                                   extra=extra)
     return metrics, ev, out_dir
+
+
+def _output_folder(output: str | os.PathLike | None, *, model: Path, name: str, data_root: Path) -> Path:
+    """``output``, or eval-<name> beside the model; never inside the data folder, never an existing file."""
+    out_dir = Path(output).expanduser().resolve() if output is not None else model.resolve().parent / f"eval-{name}"
+    refuse_inside_data(out_dir, data_root, what="evaluation output")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--output {out_dir}: exists and is not a folder")
+    return out_dir

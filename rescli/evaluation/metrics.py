@@ -1,18 +1,39 @@
-"""Classification metrics from plain arrays, all computed by scikit-learn."""
+"""The metrics of a single-label classification task, in one place: scikit-learn's scores, calibration (ECE before
+and after the temperature), the most-confused pairs and the worst mistakes. ``metrics_from`` is what metrics.json
+holds; the other functions take plain arrays.
+"""
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn import metrics as skm
+
+from rescli.evaluation.calibration import expected_calibration_error, softmax
+from rescli.evaluation.confusion import most_confused
+from rescli.evaluation.evaluate import EvalResult
+
+#: How many mistakes top_losses.png shows (and metrics.json lists).
+TOP_LOSSES = 16
+
+
+#: How many most-confused (true, predicted) pairs metrics.json lists.
+MOST_CONFUSED = 10
+
+
+#: Bins of the reliability diagram and of the expected calibration error.
+ECE_BINS = 15
 
 
 def classification_metrics(
-    *, y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str], probs: np.ndarray | None = None
+    *, y_true: ArrayLike, y_pred: ArrayLike, labels: Sequence[str], probs: np.ndarray | None = None
 ) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro/weighted P/R/F1, per-class table, confusion matrix (+ top-k, ROC-AUC with probs)."""
+    """Accuracy, balanced accuracy, macro/weighted P/R/F1, per-class table, confusion matrix (+ top-k accuracy, log
+    loss and ROC-AUC with ``probs``)."""
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
     ids = list(range(len(labels)))
@@ -57,3 +78,57 @@ def _roc_auc(y_true: np.ndarray, probs: np.ndarray, ids: list[int]) -> float | N
         return float(skm.roc_auc_score(y_true, probs, multi_class="ovr", labels=ids))
     except ValueError:
         return None
+
+
+def per_sample(ev: EvalResult, classes: Sequence[str], *, temperature: float = 1.0) -> list[dict[str, Any]]:
+    """One row per evaluated image: path, true, predicted, score (probability of predicted), true_score, loss."""
+    if len(ev.y_true) == 0:
+        return []
+    probs = softmax(ev.logits, temperature)
+    idx = np.arange(len(ev.y_true))
+    p_pred = probs[idx, ev.y_pred]
+    p_true = probs[idx, ev.y_true]
+    loss = -np.log(np.clip(p_true, 1e-12, 1.0))
+    return [
+        {
+            "path": ev.paths[i],
+            "true": classes[int(ev.y_true[i])],
+            "predicted": classes[int(ev.y_pred[i])],
+            "score": float(p_pred[i]),
+            "true_score": float(p_true[i]),
+            "loss": float(loss[i]),
+            "correct": bool(ev.y_true[i] == ev.y_pred[i]),
+        }
+        for i in range(len(ev.y_true))
+    ]
+
+
+def top_losses(rows: list[dict[str, Any]], k: int = TOP_LOSSES) -> list[dict[str, Any]]:
+    """The ``k`` misclassified images with the highest loss (most confidently wrong first)."""
+    wrong = [r for r in rows if not r["correct"]]
+    wrong.sort(key=lambda r: (-r["loss"], r["path"]))
+    return [{k2: r[k2] for k2 in ("path", "true", "predicted", "score", "loss")} for r in wrong[:k]]
+
+
+def metrics_from(ev: EvalResult, classes: list[str], *, temperature: float = 1.0) -> dict[str, Any]:
+    """scikit-learn metrics of ``softmax(logits / temperature)``, calibration (ECE before/after), most-confused pairs
+    and top losses.
+
+    Predictions (argmax) do not depend on the temperature; the scores, log loss and ECE do.
+    """
+    n = len(ev.y_true)
+    probs = softmax(ev.logits, temperature) if n else None
+    metrics = classification_metrics(y_true=ev.y_true, y_pred=ev.y_pred, labels=classes, probs=probs)
+    metrics["loss"] = ev.loss
+    metrics["temperature"] = float(temperature)
+    if probs is not None:
+        raw = softmax(ev.logits)
+        metrics["ece"] = expected_calibration_error(probs, ev.y_true, n_bins=ECE_BINS)
+        metrics["ece_before_temperature"] = expected_calibration_error(raw, ev.y_true, n_bins=ECE_BINS)
+        if "log_loss" in metrics:
+            p_true = np.clip(raw[np.arange(n), ev.y_true], 1e-12, 1.0)
+            metrics["log_loss_before_temperature"] = float(-np.mean(np.log(p_true)))
+        metrics["most_confused"] = most_confused(np.asarray(metrics["confusion_matrix"]), list(classes),
+                                                 k=MOST_CONFUSED)
+        metrics["top_losses"] = top_losses(per_sample(ev, classes, temperature=temperature))
+    return metrics

@@ -1,9 +1,6 @@
-"""Evaluation figures written as PNG files, from plain arrays.
-
-Uses ``matplotlib.figure.Figure`` with the Agg canvas directly: no pyplot, no global backend switch, so it is safe
-to call from any process (headless servers, notebooks, tests). Every function writes its PNG atomically (temp file
-in the same directory, then ``os.replace``) and returns the path. Each PNG also carries a ``Title`` text chunk
-(readable with ``PIL.Image.open(path).text``) so callers and tests can check what was drawn.
+"""The evaluation's figures as PNG files, from plain arrays: confusion matrix, training curves, top losses,
+reliability diagram, learning-rate finder. Each is drawn and written as ``figures`` says (Agg canvas, atomic
+write, a ``Title`` text chunk, and the drawn numbers in further text chunks where a reader may check them).
 """
 
 from __future__ import annotations
@@ -14,116 +11,36 @@ import os
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from rescli.core.errors import RescliError
-from rescli.core.fileio import atomic_path, shown_name
+from rescli.data.images import load_rgb
 from rescli.evaluation.calibration import (
     expected_calibration_error,
     reliability_bins,
     softmax,
 )
-
-DPI = 100
-
-
-_ARROW = "\u2192"
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: str | os.PathLike, *, title: str, extra: dict | None = None) -> Path:
-    """Write ``fig`` as a PNG atomically and return the final path."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"Title": title, "Software": "rescli"}
-    if extra:
-        metadata.update({k: str(v) for k, v in extra.items()})
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, metadata=metadata)
-    return target
+from rescli.evaluation.confusion import check_confusion_matrix, confusion_subset
+from rescli.evaluation.figures import (
+    ARROW,
+    integer_ticks,
+    message_figure,
+    new_figure,
+    save_png,
+    short_label,
+    to_float,
+)
 
 
-def _message_figure(path, message: str, *, title: str) -> Path:
-    fig = _new_figure(6, 3)
-    ax = fig.add_subplot()
-    ax.set_axis_off()
-    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=14, transform=ax.transAxes)
-    ax.set_title(title)
-    return _save(fig, path, title=title)
-
-
-def _short(text: str, limit: int = 24) -> str:
-    text = shown_name(str(text))  # matplotlib cannot draw the bytes of a name that is not UTF-8
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
-
-
-def _to_float(value) -> float:
-    if value is None:
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _check_cm(cm, labels) -> np.ndarray:
-    arr = np.asarray(cm)
-    if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
-        raise RescliError(f"confusion matrix must be square, got shape {arr.shape}")
-    if len(labels) != arr.shape[0]:
-        raise RescliError(f"confusion matrix has {arr.shape[0]} classes but {len(labels)} labels were given")
-    return arr
-
-
-def confusion_subset(cm: np.ndarray, labels: list[str], max_classes: int = 30) -> tuple[np.ndarray, list[str], list[int]]:
-    """The part of ``cm`` that ``plot_confusion_matrix`` shows: ``(sub_cm, sub_labels, indices)``.
-
-    With at most ``max_classes`` classes everything is kept. Otherwise keeps the ``max_classes`` classes most involved
-    in confusions (off-diagonal mass of their row plus their column; ties broken by support, then index), in their
-    original order.
-    """
-    arr = _check_cm(cm, labels)
-    n = arr.shape[0]
-    if max_classes < 1:
-        raise RescliError(f"max_classes must be at least 1, got {max_classes}")
-    if n <= max_classes:
-        return arr, [str(x) for x in labels], list(range(n))
-    a = arr.astype(np.float64)
-    off = a.copy()
-    np.fill_diagonal(off, 0.0)
-    involvement = off.sum(axis=1) + off.sum(axis=0)
-    support = a.sum(axis=1)
-    order = sorted(range(n), key=lambda i: (-involvement[i], -support[i], i))
-    keep = sorted(order[:max_classes])
-    return arr[np.ix_(keep, keep)], [str(labels[i]) for i in keep], keep
-
-
-def most_confused(cm: np.ndarray, labels: list[str], *, k: int = 10) -> list[dict]:
-    """The ``k`` largest off-diagonal cells: ``[{"true", "predicted", "count"}]``, count descending, count > 0."""
-    arr = _check_cm(cm, labels)
-    n = arr.shape[0]
-    pairs = [
-        (int(arr[i, j]) if float(arr[i, j]).is_integer() else float(arr[i, j]), i, j)
-        for i in range(n)
-        for j in range(n)
-        if i != j and arr[i, j] > 0
-    ]
-    pairs.sort(key=lambda t: (-t[0], t[1], t[2]))
-    return [{"true": str(labels[i]), "predicted": str(labels[j]), "count": c} for c, i, j in pairs[: max(0, int(k))]]
-
-
-def plot_confusion_matrix(cm: np.ndarray, labels: list[str], path, *, max_classes: int = 30) -> Path:
+def plot_confusion_matrix(
+    cm: np.ndarray, labels: list[str], path: str | os.PathLike, *, max_classes: int = 30
+) -> Path:
     """Two panels, counts and row-normalised (recall on the diagonal). See ``confusion_subset`` for > max_classes."""
-    arr = _check_cm(cm, labels)
+    arr = check_confusion_matrix(cm, labels)
     n_total = arr.shape[0]
     if n_total == 0:
-        return _message_figure(path, "no classes", title="Confusion matrix")
+        return message_figure(path, "no classes", title="Confusion matrix")
     sub, names, _ = confusion_subset(arr, labels, max_classes)
     n = len(names)
     counts = sub.astype(np.float64)
@@ -137,59 +54,64 @@ def plot_confusion_matrix(cm: np.ndarray, labels: list[str], path, *, max_classe
         title = f"Confusion matrix ({n_total} classes)"
 
     panel = min(max(4.5, 0.32 * n + 2.5), 14.0)
-    fig = _new_figure(2 * panel + 1.2, panel + 0.8)
+    fig = new_figure(2 * panel + 1.2, panel + 0.8)
     fig.suptitle(title, fontsize=12)
-    tick_size = 10 if n <= 12 else 9 if n <= 20 else 8
-    annotate = n <= 30
-    ticks = np.arange(n)
-    short = [_short(s, 22) for s in names]
+    short = [short_label(s, 22) for s in names]
     for col, (data, sub_title, fmt, vmax) in enumerate([
         (counts, "Counts", "count", counts.max() if counts.size else 1.0),
         (normed, "Normalised by true class (row)", "frac", 1.0),
     ]):
         ax = fig.add_subplot(1, 2, col + 1)
-        vmax = float(vmax) if vmax > 0 else 1.0
-        im = ax.imshow(data, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest", aspect="equal")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-        ax.set_title(sub_title, fontsize=11)
-        ax.set_xlabel("Predicted")
-        ax.set_ylabel("True")
-        ax.set_xticks(ticks)
-        ax.set_yticks(ticks)
-        ax.set_xticklabels(short, rotation=60 if n > 6 else 0, ha="right" if n > 6 else "center", fontsize=tick_size)
-        ax.set_yticklabels(short, fontsize=tick_size)
-        if annotate:
-            cell_size = 9 if n <= 10 else 7.5 if n <= 18 else 6
-            for i in range(n):
-                for j in range(n):
-                    v = data[i, j]
-                    if fmt == "count":
-                        if v == 0:
-                            continue
-                        text = f"{int(v)}" if float(v).is_integer() else f"{v:.2g}"
-                    else:
-                        if v == 0:
-                            continue
-                        text = f"{v:.2f}"
-                    ax.text(j, i, text, ha="center", va="center", fontsize=cell_size,
-                            color="white" if v > 0.55 * vmax else "black")
-    # The drawn numbers travel in the PNG's text chunks, so a reader (or a test) can check the figure against metrics.json.
-    return _save(fig, path, title=title, extra={
+        _matrix_panel(fig, ax, data, short, title=sub_title, fmt=fmt, vmax=float(vmax) if vmax > 0 else 1.0)
+    # The drawn numbers travel in the PNG's text chunks, so a reader (or a test) can check the figure against
+    # metrics.json.
+    return save_png(fig, path, title=title, extra={
         "Classes shown": n, "Classes total": n_total,
         "Labels": json.dumps(names), "Counts": json.dumps(sub.tolist()),
     })
 
 
-def plot_curves(history: list[dict], path) -> Path:
+def _matrix_panel(fig: Figure, ax: Axes, data: np.ndarray, names: list[str], *, title: str, fmt: str,
+                  vmax: float) -> None:
+    """One panel of the confusion matrix: the cells as a heat map, each non-zero one labelled (up to 30 classes)."""
+    n = len(names)
+    tick_size = 10 if n <= 12 else 9 if n <= 20 else 8
+    ticks = np.arange(n)
+    im = ax.imshow(data, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest", aspect="equal")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("True")
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xticklabels(names, rotation=60 if n > 6 else 0, ha="right" if n > 6 else "center", fontsize=tick_size)
+    ax.set_yticklabels(names, fontsize=tick_size)
+    if n > 30:
+        return
+    cell_size = 9 if n <= 10 else 7.5 if n <= 18 else 6
+    for i in range(n):
+        for j in range(n):
+            v = data[i, j]
+            if v == 0:
+                continue
+            if fmt == "count":
+                text = f"{int(v)}" if float(v).is_integer() else f"{v:.2g}"
+            else:
+                text = f"{v:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=cell_size,
+                    color="white" if v > 0.55 * vmax else "black")
+
+
+def plot_curves(history: list[dict], path: str | os.PathLike) -> Path:
     """Left: train/val loss per epoch. Right: validation accuracy per epoch. Values may be strings (from CSV)."""
     rows = []
     for i, row in enumerate(history or []):
-        epoch = _to_float(row.get("epoch", i + 1))
+        epoch = to_float(row.get("epoch", i + 1))
         rows.append((epoch if math.isfinite(epoch) else float(i + 1),
-                     _to_float(row.get("train_loss")), _to_float(row.get("val_loss")),
-                     _to_float(row.get("val_accuracy"))))
+                     to_float(row.get("train_loss")), to_float(row.get("val_loss")),
+                     to_float(row.get("val_accuracy"))))
     if not rows:
-        return _message_figure(path, "no training history", title="Training curves")
+        return message_figure(path, "no training history", title="Training curves")
     rows.sort(key=lambda r: r[0])
     epochs = np.array([r[0] for r in rows])
     train_loss = np.array([r[1] for r in rows])
@@ -197,7 +119,7 @@ def plot_curves(history: list[dict], path) -> Path:
     val_acc = np.array([r[3] for r in rows])
 
     title = "Training curves"
-    fig = _new_figure(11, 4.2)
+    fig = new_figure(11, 4.2)
     fig.suptitle(title)
     ax_loss = fig.add_subplot(1, 2, 1)
     ax_acc = fig.add_subplot(1, 2, 2)
@@ -233,52 +155,32 @@ def plot_curves(history: list[dict], path) -> Path:
     ax_acc.set_title("Validation accuracy")
     ax_acc.grid(True, alpha=0.3)
     for ax in (ax_loss, ax_acc):
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    return _save(fig, path, title=title)
+        integer_ticks(ax)
+    return save_png(fig, path, title=title)
 
 
-def _load_thumbnail(path, size: int = 256):
-    """An RGB thumbnail as a uint8 array, or None when the file cannot be read."""
-    from PIL import Image
-
-    img = None
+def _load_thumbnail(path: object, size: int = 256) -> np.ndarray | None:
+    """An RGB thumbnail (upright, as the model saw the image) as a uint8 array, or None when it cannot be read."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
     try:
-        from rescli.data.images import load_rgb
-    except Exception:  # module missing or broken: plain PIL
-        load_rgb = None
-    try:
-        if load_rgb is not None:
-            try:
-                img = load_rgb(path)
-            except TypeError:  # signature we do not know: fall back to PIL
-                img = None
-        if img is None:
-            with Image.open(path) as raw:
-                raw.draft("RGB", (size, size))
-                img = raw.convert("RGB")
-        if isinstance(img, np.ndarray):
-            img = Image.fromarray(np.asarray(img, dtype=np.uint8)).convert("RGB")
-        elif not isinstance(img, Image.Image):
-            return None
-        else:
-            img = img.convert("RGB")
+        img = load_rgb(path)
         img.thumbnail((size, size))
         return np.asarray(img)
-    except Exception:
+    except Exception:  # the tile is drawn grey and says "unreadable"; the figure is still written
         return None
 
 
-def plot_top_losses(items: list[dict], path, *, max_items: int = 16) -> Path:
+def plot_top_losses(items: list[dict], path: str | os.PathLike, *, max_items: int = 16) -> Path:
     """Grid of the highest-loss images titled ``true → predicted (score)``; unreadable files become grey tiles."""
-    items = sorted(items or [], key=lambda it: -_to_float(it.get("loss")) if math.isfinite(_to_float(it.get("loss"))) else math.inf)
-    items = items[: max(0, int(max_items))]
+    items = sorted(items or [], key=_highest_loss_first)[: max(0, int(max_items))]
     if not items:
-        return _message_figure(path, "no mistakes", title="Top losses")
+        return message_figure(path, "no mistakes", title="Top losses")
     n = len(items)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    title = f"Top {n} losses (true {_ARROW} predicted (probability of predicted))"
-    fig = _new_figure(3.0 * cols, 3.2 * rows + 0.5)
+    title = f"Top {n} losses (true {ARROW} predicted (probability of predicted))"
+    fig = new_figure(3.0 * cols, 3.2 * rows + 0.5)
     fig.suptitle(title, fontsize=11)
     grey = np.full((64, 64, 3), 200, dtype=np.uint8)
     for k, item in enumerate(items):
@@ -289,15 +191,20 @@ def plot_top_losses(items: list[dict], path, *, max_items: int = 16) -> Path:
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes, color="dimgray")
         ax.set_xticks([])
         ax.set_yticks([])
-        score = _to_float(item.get("score"))
-        loss = _to_float(item.get("loss"))
-        label = f"{_short(item.get('true', '?'), 16)} {_ARROW} {_short(item.get('predicted', '?'), 16)}"
+        score = to_float(item.get("score"))
+        loss = to_float(item.get("loss"))
+        label = f"{short_label(item.get('true', '?'), 16)} {ARROW} {short_label(item.get('predicted', '?'), 16)}"
         score_txt = f"({score:.2f})" if math.isfinite(score) else ""
         loss_txt = f"loss {loss:.2f}" if math.isfinite(loss) else ""
         ax.set_title(f"{label} {score_txt}\n{loss_txt}".strip(), fontsize=9, color="firebrick")
     drawn = [{"path": str(it.get("path")), "true": str(it.get("true")), "predicted": str(it.get("predicted")),
-              "score": _to_float(it.get("score")), "loss": _to_float(it.get("loss"))} for it in items]
-    return _save(fig, path, title=title, extra={"Items": json.dumps(drawn)})
+              "score": to_float(it.get("score")), "loss": to_float(it.get("loss"))} for it in items]
+    return save_png(fig, path, title=title, extra={"Items": json.dumps(drawn)})
+
+
+def _highest_loss_first(item: dict) -> float:
+    loss = to_float(item.get("loss"))
+    return -loss if math.isfinite(loss) else math.inf
 
 
 def _reliability_panel(ax_top, ax_bottom, probs, labels, n_bins: int, name: str, color: str) -> float:
@@ -306,13 +213,13 @@ def _reliability_panel(ax_top, ax_bottom, probs, labels, n_bins: int, name: str,
     width = 1.0 / n_bins
     centers = [(b["lo"] + b["hi"]) / 2 for b in bins]
     acc = [b["accuracy"] if b["count"] else 0.0 for b in bins]
-    conf = [b["confidence"] if b["count"] else None for b in bins]
     ax_top.bar(centers, acc, width=width, color=color, edgecolor="black", linewidth=0.5, alpha=0.85,
                label=f"accuracy ({name}), ECE = {ece:.4f}")
     # Gap between accuracy and mean confidence, per non-empty bin.
-    gap_x = [c for c, b in zip(centers, bins) if b["count"]]
-    gap_lo = [min(a, cf) for a, cf, b in zip(acc, conf, bins) if b["count"]]
-    gap_h = [abs(a - cf) for a, cf, b in zip(acc, conf, bins) if b["count"]]
+    filled = [(c, b) for c, b in zip(centers, bins) if b["count"]]
+    gap_x = [c for c, _ in filled]
+    gap_lo = [min(b["accuracy"], b["confidence"]) for _, b in filled]
+    gap_h = [abs(b["accuracy"] - b["confidence"]) for _, b in filled]
     if gap_x:
         ax_top.bar(gap_x, gap_h, bottom=gap_lo, width=width, color="tab:red", alpha=0.25, hatch="//",
                    edgecolor="tab:red", linewidth=0.5, label="gap to mean confidence")
@@ -331,7 +238,7 @@ def _reliability_panel(ax_top, ax_bottom, probs, labels, n_bins: int, name: str,
     return ece
 
 
-def plot_reliability(probs: np.ndarray, labels: np.ndarray, path, *, n_bins: int = 15,
+def plot_reliability(probs: np.ndarray, labels: np.ndarray, path: str | os.PathLike, *, n_bins: int = 15,
                      temperature: float | None = None, logits: np.ndarray | None = None) -> Path:
     """Reliability diagram (accuracy vs confidence per bin, diagonal) with ECE in the legend and a confidence histogram.
 
@@ -339,44 +246,48 @@ def plot_reliability(probs: np.ndarray, labels: np.ndarray, path, *, n_bins: int
     (``softmax(logits)``) and after (``softmax(logits / temperature)``) temperature scaling; ``probs`` is then unused.
     """
     labels = np.asarray(labels)
+    scaled_by: float | None = None  # the temperature of a before/after pair of panels
     if logits is not None and temperature is not None:
+        scaled_by = float(temperature)
         panels = [(softmax(logits), "before: T = 1", "tab:gray"),
                   (softmax(logits, temperature), f"after: T = {temperature:.3g}", "tab:blue")]
     else:
         panels = [(np.asarray(probs, dtype=np.float64), "model", "tab:blue")]
     if labels.size == 0:
-        return _message_figure(path, "no samples", title="Reliability diagram")
-    fig = _new_figure(5.2 * len(panels) + 0.4, 6.2)
+        return message_figure(path, "no samples", title="Reliability diagram")
+    fig = new_figure(5.2 * len(panels) + 0.4, 6.2)
     grid = fig.add_gridspec(2, len(panels), height_ratios=[3, 1])
     eces = []
     for col, (p, name, color) in enumerate(panels):
         ax_top = fig.add_subplot(grid[0, col])
         ax_bottom = fig.add_subplot(grid[1, col], sharex=ax_top)
         eces.append(_reliability_panel(ax_top, ax_bottom, p, labels, n_bins, name, color))
-    if len(eces) == 2:
-        title = f"Reliability diagram: ECE {eces[0]:.4f} {_ARROW} {eces[1]:.4f} with temperature scaling"
-        extra = {"ECE before": repr(eces[0]), "ECE": repr(eces[1]), "Temperature": repr(float(temperature))}
+    if scaled_by is not None:
+        title = f"Reliability diagram: ECE {eces[0]:.4f} {ARROW} {eces[1]:.4f} with temperature scaling"
+        extra = {"ECE before": repr(eces[0]), "ECE": repr(eces[1]), "Temperature": repr(scaled_by)}
     else:
         title = f"Reliability diagram: ECE {eces[0]:.4f}"
         extra = {"ECE": repr(eces[0])}
     fig.suptitle(title, fontsize=12)
-    return _save(fig, path, title=title, extra=extra)
+    return save_png(fig, path, title=title, extra=extra)
 
 
-def plot_lr_find(lrs: list[float], losses: list[float], path, *, suggestion: float | None = None) -> Path:
+def plot_lr_find(
+    lrs: list[float], losses: list[float], path: str | os.PathLike, *, suggestion: float | None = None
+) -> Path:
     """Loss vs learning rate on a log x axis; the suggested learning rate marked with a vertical line."""
-    lr = np.array([_to_float(v) for v in lrs or []], dtype=np.float64)
-    loss = np.array([_to_float(v) for v in losses or []], dtype=np.float64)
+    lr = np.array([to_float(v) for v in lrs or []], dtype=np.float64)
+    loss = np.array([to_float(v) for v in losses or []], dtype=np.float64)
     if lr.shape != loss.shape:
         raise RescliError(f"lrs and losses differ in length ({lr.size} vs {loss.size})")
     ok = np.isfinite(lr) & np.isfinite(loss) & (lr > 0)
     title = "Learning-rate finder"
     if not ok.any():
-        return _message_figure(path, "no finite losses recorded", title=title)
+        return message_figure(path, "no finite losses recorded", title=title)
     lr, loss = lr[ok], loss[ok]
     order = np.argsort(lr, kind="stable")
     lr, loss = lr[order], loss[order]
-    fig = _new_figure(7.5, 4.5)
+    fig = new_figure(7.5, 4.5)
     ax = fig.add_subplot()
     ax.plot(lr, loss, color="tab:blue", label="loss")
     ax.set_xscale("log")
@@ -389,7 +300,7 @@ def plot_lr_find(lrs: list[float], losses: list[float], path, *, suggestion: flo
     if hi > lo:
         pad = 0.08 * (hi - lo)
         ax.set_ylim(lo - pad, hi + pad)
-    if suggestion is not None and math.isfinite(_to_float(suggestion)) and suggestion > 0:
+    if suggestion is not None and math.isfinite(to_float(suggestion)) and suggestion > 0:
         s = float(suggestion)
         ax.axvline(s, color="tab:red", ls="--", label=f"suggested lr = {s:.2e}")
         if lr[0] <= s <= lr[-1]:
@@ -398,4 +309,4 @@ def plot_lr_find(lrs: list[float], losses: list[float], path, *, suggestion: flo
         title = f"Learning-rate finder (suggested lr = {s:.2e})"
     ax.set_title(title)
     ax.legend()
-    return _save(fig, path, title=title)
+    return save_png(fig, path, title=title)

@@ -18,36 +18,47 @@ Everything goes into one folder: a sub-folder (a normal run folder with best.pt/
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from rescli.core import events
 from rescli.core.errors import RescliError, UsageError
 from rescli.core.fileio import atomic_write_json
+from rescli.core.paths import refuse_inside_data
+from rescli.core.runtime import Runtime, default_workers, select_runtime
 from rescli.data.loading import ImageSamples, collate, make_loader
-from rescli.data.scan import scan_dataset
+from rescli.data.scan import DatasetIndex, scan_dataset
 from rescli.data.transforms import build_transform, draft_size_for, to_model_input
+from rescli.evaluation.evaluate import run_eval
 from rescli.experiments.degradation_figure import KINDS, plot_degradation
 from rescli.models.cifar import STAGE_NAMES, stage_of
-from rescli.models.registry import TORCHVISION_DEPTHS, count_parameters, create_model
+from rescli.models.registry import TORCHVISION_DEPTHS, arch_spec, check_arch_kwargs, count_parameters, create_model
 from rescli.models.weights import load_pretrained
+from rescli.train.loop import finetune
+from rescli.train.run_folder import new_run_dir
+from rescli.train.settings import TrainSettings
 
 STAGES = ("stem", *STAGE_NAMES, "head")
 
 
-# The experiment's recipe. Differences from finetune's defaults, and why:
+# The experiment's recipe: finetune's settings, trained from scratch, with two differences, and why:
 #   augment none      - the question is how well each net *fits* the training set; random crops and
 #                       flips would make "training error" a moving target (and flips change digits).
 #   label smoothing 0 - the plain cross-entropy objective of the paper.
 # Everything else (AdamW, 10% warmup + cosine, weight decay 0.05, grad clip 1.0) is finetune's recipe.
-DEFAULTS = dict(epochs=12, batch_size=64, img_size=32, lr=2e-3, weight_decay=0.05, label_smoothing=0.0, augment="none")
+RECIPE = TrainSettings(data_dir="", weights="none", strategy="full", epochs=12, batch_size=64, img_size=32, lr=2e-3,
+                       weight_decay=0.05, label_smoothing=0.0, augment="none")
 
 
 def parse_depths(spec: str | Sequence[int]) -> list[int]:
@@ -63,10 +74,13 @@ def parse_depths(spec: str | Sequence[int]) -> list[int]:
     if not values:
         raise UsageError("--depths: give at least one depth, e.g. 20,56")
     for d in values:
-        if d < 8 or (d - 2) % 6:
-            raise UsageError(f"--depths: {d} is not 6n+2 with n >= 1 (CIFAR-style nets: 8, 14, 20, 32, 44, 56, 110, ...)")
         if d in TORCHVISION_DEPTHS:
-            raise UsageError(f"--depths: {d} would be torchvision's ImageNet resnet{d}; choose another 6n+2 depth (e.g. 44 or 56)")
+            raise UsageError(f"--depths: {d} would be torchvision's ImageNet resnet{d}; choose another 6n+2 depth "
+                             "(e.g. 44 or 56)")
+        try:
+            arch_spec(f"plain{d}")  # the registry knows which depths the CIFAR-style nets have
+        except UsageError as exc:
+            raise UsageError(f"--depths {d}: {exc.message}") from None
     return sorted(set(values))
 
 
@@ -82,13 +96,15 @@ def display_name(arch: str) -> str:
     return arch
 
 
-def fixed_batch(samples: Sequence[tuple[str, int]], *, img_size: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_batch(
+    samples: Sequence[tuple[str, int]], *, img_size: int, size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``size`` training images (seeded choice, no augmentation) as a uint8 batch and its labels."""
     if not samples:
         raise RescliError("no training images to measure gradients on")
     chosen = sorted(random.Random(seed).sample(range(len(samples)), min(size, len(samples))))
     ds = ImageSamples([samples[i] for i in chosen], build_transform(img_size=img_size, train=False),
-                           draft_size=draft_size_for(img_size, train=False))
+                      draft_size=draft_size_for(img_size, train=False))
     batch = collate([ds[i] for i in range(len(ds))])
     if batch.labels.numel() == 0:
         raise RescliError("none of the images chosen for the gradient measurement could be read")
@@ -109,8 +125,8 @@ def stage_gradient_norms(
     with torch.autocast("cpu", enabled=False):
         loss = nn.functional.cross_entropy(model(x).float(), labels)
     loss.backward()
-    sq = {s: 0.0 for s in STAGES}
-    count = {s: 0 for s in STAGES}
+    sq = dict.fromkeys(STAGES, 0.0)
+    count = dict.fromkeys(STAGES, 0)
     for name, p in model.named_parameters():
         stage = stage_of(name)
         if stage not in sq:
@@ -127,9 +143,6 @@ def stage_gradient_norms(
 
 
 def _prepare_output(output: str | os.PathLike | None, data_dir: Path) -> Path:
-    from rescli.core.paths import refuse_inside_data
-    from rescli.train.run_folder import new_run_dir
-
     out = Path("runs") if output is None else Path(output).expanduser()
     refuse_inside_data(out, data_dir, what="output folder")
     if output is None:
@@ -142,19 +155,32 @@ def _prepare_output(output: str | os.PathLike | None, data_dir: Path) -> Path:
     return out
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """What every model of one experiment shares: the data, the recipe, and where its results go."""
+
+    run_dir: Path
+    base: TrainSettings  # the recipe; each model adds only its arch and arch_kwargs
+    num_classes: int
+    grad_images: torch.Tensor  # the fixed batch of the gradient measurement
+    grad_labels: torch.Tensor
+    train_eval_loader: DataLoader  # the whole training split, no augmentation, for the training error
+    show_progress: bool
+
+
 def run_degradation(
     *,
     data_dir: str | os.PathLike,
     depths: str | Sequence[int] = (20, 56),
     output: str | os.PathLike | None = None,
-    epochs: int = DEFAULTS["epochs"],
-    batch_size: int = DEFAULTS["batch_size"],
-    img_size: int = DEFAULTS["img_size"],
+    epochs: int = RECIPE.epochs,
+    batch_size: int = RECIPE.batch_size,
+    img_size: int = RECIPE.img_size,
     shortcut: str = "A",
-    lr: float = DEFAULTS["lr"],
-    weight_decay: float = DEFAULTS["weight_decay"],
-    label_smoothing: float = DEFAULTS["label_smoothing"],
-    augment: str = DEFAULTS["augment"],
+    lr: float = RECIPE.lr,
+    weight_decay: float = RECIPE.weight_decay,
+    label_smoothing: float = RECIPE.label_smoothing,
+    augment: str = RECIPE.augment,
     val_split: float = 0.2,
     seed: int = 0,
     workers: int | None = None,
@@ -164,25 +190,20 @@ def run_degradation(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Train plain-d and resnet-d for each depth d with one recipe; write and return the results dict."""
-    from rescli.core.runtime import default_workers, select_runtime
-    from rescli.train.loop import finetune
-    from rescli.train.settings import TrainSettings
-
     depth_list = parse_depths(depths)
-    sc = str(shortcut).upper()
-    if sc not in ("A", "B", "C"):
-        raise UsageError(f"--shortcut {shortcut!r}: expected A, B or C")
-    if epochs < 1:
-        raise UsageError("--epochs must be at least 1")
-    if batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    if img_size < 8:
-        raise UsageError("--img-size must be at least 8")
-    if threads is not None and threads < 1:
-        raise UsageError("--threads must be at least 1")
+    sc = _checked_shortcut(shortcut, depth_list)
+    _check_sizes(epochs=epochs, batch_size=batch_size, img_size=img_size, threads=threads)
     build_transform(img_size=img_size, train=True, augment=augment)  # checks --augment before any work
     runtime = select_runtime(device=device, precision=precision)  # checks --device/--precision early
 
+    # --precision auto: the device's fast type, passed on explicitly. finetune's auto trains small images in fp32 on
+    # CPU (right for resnet18); these 16-64-channel nets are the other way round (the step times are in
+    # docs/degradation.md, "How to run it").
+    base = dataclasses.replace(
+        RECIPE, data_dir=str(data_dir), epochs=epochs, batch_size=batch_size, img_size=img_size, lr=lr,
+        weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, val_split=val_split, seed=seed,
+        workers=workers, device=device, precision=runtime.precision if precision.lower() == "auto" else precision,
+    )
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -191,94 +212,15 @@ def run_degradation(
         if not index.splits.get("val"):
             raise RescliError(f"{data_dir}: no validation images (use --val-split > 0 or add a val/ folder)")
         run_dir = _prepare_output(output, Path(data_dir).expanduser())
-        train_samples = index.splits["train"]
-        n_workers = default_workers() if workers is None else workers
-        train_eval_loader = make_loader(
-            ImageSamples(train_samples, build_transform(img_size=img_size, train=False),
-                              draft_size=draft_size_for(img_size, train=False)),
-            batch_size=batch_size * 2, shuffle=False, workers=n_workers,
-        )
-        images, labels = fixed_batch(train_samples, img_size=img_size, size=batch_size, seed=seed)
-
-        # --precision auto: the device's fast type, passed on explicitly. finetune's auto trains small images in
-        # fp32 on CPU (right for resnet18); these 16-64-channel nets are the other way round. Measured, 1 thread,
-        # batch 64, AMX CPU, ms per step fp32 vs bf16+channels_last: resnet20 232 vs 117 (32 px), 64 vs 36 (16 px);
-        # resnet56 655 vs 291 (32 px), 168 vs 93 (16 px).
-        train_precision = runtime.precision if precision.lower() == "auto" else precision
-        base = TrainSettings(
-            data_dir=str(data_dir), weights="none", strategy="full", epochs=epochs, batch_size=batch_size,
-            img_size=img_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment,
-            val_split=val_split, seed=seed, workers=workers, device=device, precision=train_precision,
-        )
-        result: dict[str, Any] = {
-            "experiment": "degradation",
-            "data_dir": str(data_dir),
-            "run_dir": str(run_dir),
-            "depths": depth_list,
-            "shortcut": sc,
-            "recipe": {
-                "epochs": epochs, "batch_size": batch_size, "img_size": img_size, "lr": lr, "weight_decay": weight_decay,
-                "label_smoothing": label_smoothing, "augment": augment, "optimizer": "AdamW, 10% warmup + cosine",
-                "grad_clip": base.grad_clip, "weights": "none", "seed": seed, "val_split": val_split,
-                "runtime": runtime.describe(), "threads": torch.get_num_threads(),  # runtime: replaced by what training used
-                "train_images": len(train_samples), "val_images": len(index.splits["val"]),
-            },
-            "training_error": "eval mode, whole training split, no augmentation, after each epoch",
-            "gradient_batch": int(labels.numel()),
-            "models": [],
-            "figure": str(run_dir / "degradation.png"),
-        }
+        shared = _shared(index, run_dir, base, show_progress=show_progress)
+        result = _result_header(shared, data_dir=data_dir, depths=depth_list, shortcut=sc, runtime=runtime, index=index)
         plan = [(d, kind) for d in depth_list for kind in KINDS]
         started = time.perf_counter()
         for i, (depth, kind) in enumerate(plan, 1):
-            arch = arch_names(depth)[kind]
-            arch_kwargs = {"shortcut": sc} if kind == "resnet" else {}
-            torch.manual_seed(seed)  # finetune seeds the same way before building: this is its initial model
-            model = create_model(arch, len(index.classes), arch_kwargs)
-            winfo = load_pretrained(model, arch=arch, weights="none", arch_kwargs=arch_kwargs)
-            grads = stage_gradient_norms(model, images, labels, mean=winfo.mean, std=winfo.std)
-            params = count_parameters(model)
-            del model
-            events.info(f"[{i}/{len(plan)}] {display_name(arch)}: {params:,} parameters, run folder {run_dir / arch}")
-
-            def measure_train(*, epoch: int, model: nn.Module, logits_fn) -> dict[str, Any]:
-                from rescli.evaluation.evaluate import run_eval
-
-                ev = run_eval(logits_fn, train_eval_loader)
-                return {"train_eval_loss": round(ev.loss, 6), "train_eval_accuracy": round(ev.accuracy, 6)}
-
-            t0 = time.perf_counter()
-            settings = dataclasses.replace(base, arch=arch, arch_kwargs=arch_kwargs)
-            out = finetune(settings=settings, output=run_dir / arch, show_progress=show_progress, on_epoch_end=measure_train)
-            hist = out["history"]
-            used = _run_json(Path(out["run_dir"])).get("runtime")
-            if used and i == 1:
-                result["recipe"]["runtime"] = used  # finetune may pick another precision than --precision auto suggests
-            entry = {
-                "name": display_name(arch),
-                "arch": arch,
-                "kind": kind,
-                "depth": depth,
-                "arch_kwargs": arch_kwargs,
-                "params": params,
-                "run_dir": out["run_dir"],
-                "checkpoint": str(Path(out["run_dir"]) / "last.pt"),
-                "best_checkpoint": str(Path(out["run_dir"]) / "best.pt"),
-                "epochs": [int(r["epoch"]) for r in hist],
-                "train_error": [round(1.0 - r["train_eval_accuracy"], 6) for r in hist],
-                "val_error": [round(1.0 - r["val_accuracy"], 6) for r in hist],
-                "train_error_running": [round(1.0 - r["train_accuracy"], 6) for r in hist],
-                "train_loss": [r["train_eval_loss"] for r in hist],
-                "val_loss": [r["val_loss"] for r in hist],
-                "grad_norms": {k: round(v, 6) for k, v in grads["l2"].items()},
-                "grad_rms": {k: float(f"{v:.6g}") for k, v in grads["rms"].items()},
-                "init_loss": round(grads["loss"], 6),
-                "runtime": used,
-                "seconds": round(time.perf_counter() - t0, 1),
-            }
-            entry["final_train_error"] = entry["train_error"][-1]
-            entry["final_val_error"] = entry["val_error"][-1]
-            entry["best_val_error"] = min(entry["val_error"])
+            entry = _train_model(shared, arch_names(depth)[kind], kind=kind, depth=depth, shortcut=sc,
+                                 place=f"[{i}/{len(plan)}]")
+            if entry["runtime"] and i == 1:
+                result["recipe"]["runtime"] = entry["runtime"]  # finetune may pick another precision than auto's
             result["models"].append(entry)
             result["summary"] = summarize(result["models"])
             result["seconds"] = round(time.perf_counter() - started, 1)
@@ -290,9 +232,110 @@ def run_degradation(
         torch.set_num_threads(previous_threads)
 
 
-def _run_json(run_dir: Path) -> dict[str, Any]:
-    import json
+def _shared(index: DatasetIndex, run_dir: Path, base: TrainSettings, *, show_progress: bool) -> _Shared:
+    train_samples = index.splits["train"]
+    train_eval_loader = make_loader(
+        ImageSamples(train_samples, build_transform(img_size=base.img_size, train=False),
+                     draft_size=draft_size_for(base.img_size, train=False)),
+        batch_size=base.batch_size * 2, shuffle=False,
+        workers=default_workers() if base.workers is None else base.workers,
+    )
+    images, labels = fixed_batch(train_samples, img_size=base.img_size, size=base.batch_size, seed=base.seed)
+    return _Shared(run_dir, base, len(index.classes), images, labels, train_eval_loader, show_progress)
 
+
+def _checked_shortcut(shortcut: str, depths: list[int]) -> str:
+    """``shortcut`` as the residual nets take it (A, B or C), checked by the registry as for finetune --shortcut."""
+    return check_arch_kwargs(arch_names(depths[0])["resnet"], {"shortcut": shortcut})["shortcut"]
+
+
+def _check_sizes(*, epochs: int, batch_size: int, img_size: int, threads: int | None) -> None:
+    if epochs < 1:
+        raise UsageError("--epochs must be at least 1")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if img_size < 8:
+        raise UsageError("--img-size must be at least 8")
+    if threads is not None and threads < 1:
+        raise UsageError("--threads must be at least 1")
+
+
+def _result_header(shared: _Shared, *, data_dir: str | os.PathLike, depths: list[int], shortcut: str,
+                   runtime: Runtime, index: DatasetIndex) -> dict[str, Any]:
+    """degradation.json before any model is trained: what is compared, and the one recipe they all get."""
+    base, run_dir = shared.base, shared.run_dir
+    return {
+        "experiment": "degradation",
+        "data_dir": str(data_dir),
+        "run_dir": str(run_dir),
+        "depths": depths,
+        "shortcut": shortcut,
+        "recipe": {
+            "epochs": base.epochs, "batch_size": base.batch_size, "img_size": base.img_size, "lr": base.lr,
+            "weight_decay": base.weight_decay, "label_smoothing": base.label_smoothing, "augment": base.augment,
+            "optimizer": "AdamW, 10% warmup + cosine", "grad_clip": base.grad_clip, "weights": "none",
+            "seed": base.seed, "val_split": base.val_split,
+            # runtime: what --device/--precision ask for, replaced by what the first model's training used
+            "runtime": runtime.describe(), "threads": torch.get_num_threads(),
+            "train_images": len(index.splits["train"]), "val_images": len(index.splits["val"]),
+        },
+        "training_error": "eval mode, whole training split, no augmentation, after each epoch",
+        "gradient_batch": int(shared.grad_labels.numel()),
+        "models": [],
+        "figure": str(run_dir / "degradation.png"),
+    }
+
+
+def _train_model(shared: _Shared, arch: str, *, kind: str, depth: int, shortcut: str, place: str) -> dict[str, Any]:
+    """Measure the initial gradients of ``arch``, train it with the shared recipe, and return its entry."""
+    arch_kwargs = {"shortcut": shortcut} if kind == "resnet" else {}
+    torch.manual_seed(shared.base.seed)  # finetune seeds the same way before building: this is its initial model
+    model = create_model(arch, shared.num_classes, arch_kwargs)
+    winfo = load_pretrained(model, arch=arch, weights="none", arch_kwargs=arch_kwargs)
+    grads = stage_gradient_norms(model, shared.grad_images, shared.grad_labels, mean=winfo.mean, std=winfo.std)
+    params = count_parameters(model)
+    del model
+    events.info(f"{place} {display_name(arch)}: {params:,} parameters, run folder {shared.run_dir / arch}")
+
+    def measure_train(*, epoch: int, model: nn.Module, logits_fn: Callable) -> dict[str, Any]:
+        ev = run_eval(logits_fn, shared.train_eval_loader)
+        return {"train_eval_loss": round(ev.loss, 6), "train_eval_accuracy": round(ev.accuracy, 6)}
+
+    t0 = time.perf_counter()
+    settings = dataclasses.replace(shared.base, arch=arch, arch_kwargs=arch_kwargs)
+    out = finetune(settings=settings, output=shared.run_dir / arch, show_progress=shared.show_progress,
+                   on_epoch_end=measure_train)
+    hist = out["history"]
+    run_dir = Path(out["run_dir"])
+    entry = {
+        "name": display_name(arch),
+        "arch": arch,
+        "kind": kind,
+        "depth": depth,
+        "arch_kwargs": arch_kwargs,
+        "params": params,
+        "run_dir": out["run_dir"],
+        "checkpoint": str(run_dir / "last.pt"),
+        "best_checkpoint": str(run_dir / "best.pt"),
+        "epochs": [int(r["epoch"]) for r in hist],
+        "train_error": [round(1.0 - r["train_eval_accuracy"], 6) for r in hist],
+        "val_error": [round(1.0 - r["val_accuracy"], 6) for r in hist],
+        "train_error_running": [round(1.0 - r["train_accuracy"], 6) for r in hist],
+        "train_loss": [r["train_eval_loss"] for r in hist],
+        "val_loss": [r["val_loss"] for r in hist],
+        "grad_norms": {k: round(v, 6) for k, v in grads["l2"].items()},
+        "grad_rms": {k: float(f"{v:.6g}") for k, v in grads["rms"].items()},
+        "init_loss": round(grads["loss"], 6),
+        "runtime": _run_json(run_dir).get("runtime"),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    entry["final_train_error"] = entry["train_error"][-1]
+    entry["final_val_error"] = entry["val_error"][-1]
+    entry["best_val_error"] = min(entry["val_error"])
+    return entry
+
+
+def _run_json(run_dir: Path) -> dict[str, Any]:
     try:
         return json.loads((run_dir / "run.json").read_text())
     except (OSError, ValueError):
