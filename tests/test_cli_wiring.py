@@ -427,3 +427,20 @@ def test_library_progress_and_messages_share_the_one_status_line(training, termi
     before = plain(res.err).split("a message from the library")[0]
     assert before.endswith("\r"), before
     assert json.loads(res.out)["run_dir"] == "runs/run7"  # stdout holds the results alone
+
+
+def test_predict_rows_on_the_terminal_of_the_progress_line_each_start_a_line(monkeypatch):
+    """stdout and stderr on one terminal (predict's table, watched): a row never continues the progress line."""
+    import io
+
+    from rescli.cli.predict_output import JsonLinesWriter, write_predictions
+
+    screen = io.StringIO()
+    monkeypatch.setattr(console, "err", Console(file=screen, force_terminal=True, width=100))
+    batches = [[{"path": f"{i}.png", "label": "cat", "score": 0.5}] for i in range(3)]
+    with events.subscribed(console.EventRenderer()):
+        done = write_predictions(iter(batches), JsonLinesWriter(screen, ["path"]), quiet=True, progress=True)
+    assert done == (3, 0)
+    shown = plain(screen.getvalue())
+    assert "\r1 images, 0 failed" in shown
+    assert all(shown[shown.index(f'{{"path": "{i}.png"}}') - 1] in "\r\n" for i in range(3)), repr(shown)

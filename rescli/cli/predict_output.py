@@ -187,13 +187,14 @@ def _write_all(batches: Iterable[list[Row]], writer: RowWriter, *, progress: boo
     done = failed = 0
     writer.start()
     for batch in batches:
-        for row in batch:
-            done += 1
-            if "error" in row:
-                failed += 1
-                console.error(f"{row['path']}: {row['error']}")
-            writer.row(row)
-        writer.out.flush()  # a batch is visible downstream as soon as it is computed
+        with console.status.cleared():  # stdout may be the terminal the progress line is on: rows start a line
+            for row in batch:
+                done += 1
+                if "error" in row:
+                    failed += 1
+                    console.error(f"{row['path']}: {row['error']}")
+                writer.row(row)
+            writer.out.flush()  # a batch is visible downstream as soon as it is computed
         if progress:
             events.progress("images", done, failed=failed)
     writer.end()
