@@ -312,7 +312,8 @@ def test_predict_wiring_and_jsonl(predicting):
 @pytest.mark.parametrize("fmt, expected", [
     ("csv", "path,label,score,error\na.png,cat,0.900000,\nb.png,,,file not found\n"),
     ("tsv", "path\tlabel\tscore\terror\na.png\tcat\t0.900000\t\nb.png\t\t\tfile not found\n"),
-    ("json", '[\n  {"path": "a.png", "label": "cat", "score": 0.9},\n  {"path": "b.png", "error": "file not found"}\n]\n'),
+    ("json", '[\n  {"path": "a.png", "label": "cat", "score": 0.9},\n'
+             '  {"path": "b.png", "error": "file not found"}\n]\n'),
     ("table", "label     score  path\ncat      0.9000  a.png\n-             -  b.png  error: file not found\n"),
 ])
 def test_predict_formats(predicting, fmt, expected):
