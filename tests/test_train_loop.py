@@ -18,8 +18,8 @@ from rescli.train.settings import LR_AUTO, TrainSettings, peak_lr, validate_sett
 from rescli.train.state import TrainingState
 from rescli.train.step import SoftmaxObjective
 
-TINY = dict(arch="resnet20", weights="none", img_size=16, batch_size=4, workers=0, epochs=1, augment="none",
-            precision="fp32")
+TINY = {"arch": "resnet20", "weights": "none", "img_size": 16, "batch_size": 4, "workers": 0, "epochs": 1,
+        "augment": "none", "precision": "fp32"}
 STEPS_PER_EPOCH = 4  # 3 classes x 6 images -> 15 train (4 batches of 4) / 3 val
 
 # Both files: what best.pt and last.pt hold (files written by earlier versions load, and so do these in them).

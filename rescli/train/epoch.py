@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 
@@ -23,6 +23,12 @@ from rescli.train.step import Trainer
 #: single process's batch failed to load: the schedule still moves on).
 StepBatch = Optional[tuple[torch.Tensor, torch.Tensor]]
 Batches = Generator[StepBatch, None, None]
+
+
+class TrainingBatches(Protocol):
+    def epoch(self, slots: list[list[int]], *, epoch: int, batchnorm_in_training: bool) -> Batches:
+        """The epoch's batches, one per slot (this process's share of each global batch, in step order)."""
+        ...
 
 
 @dataclass

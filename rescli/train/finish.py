@@ -17,8 +17,8 @@ from rescli.evaluation.evaluate import run_eval
 from rescli.models.checkpoint import load_checkpoint, save_checkpoint
 from rescli.train.distributed import DistContext, on_main, shared
 from rescli.train.interrupts import Interrupted, interrupt_raises
+from rescli.train.prepare import RunData
 from rescli.train.records import RunRecords
-from rescli.train.setup import RunData
 from rescli.train.state import TrainingState
 
 

@@ -41,16 +41,19 @@ from rescli.train.distributed import (
     shared,
     shutdown,
 )
-from rescli.train.epoch import FeatureBatches, ImageBatches, Notes, lone_image_note, train_one_epoch
+from rescli.train.epoch import (
+    FeatureBatches,
+    ImageBatches,
+    Notes,
+    TrainingBatches,
+    lone_image_note,
+    train_one_epoch,
+)
 from rescli.train.features import cache_features, use_feature_cache
 from rescli.train.finish import finish_run
 from rescli.train.interrupts import Interrupted, StopFlag
 from rescli.train.lr_find import auto_lr
-from rescli.train.records import RunRecords
-from rescli.train.run_folder import data_record, write_history
-from rescli.train.schedule import Plan, epoch_order
-from rescli.train.settings import LR_AUTO, TrainSettings, peak_lr, resolve_strategy, settings_record, training_runtime
-from rescli.train.setup import (
+from rescli.train.prepare import (
     Run,
     attach_image_caches,
     checked_index,
@@ -60,6 +63,10 @@ from rescli.train.setup import (
     resolve_start,
     start_weights,
 )
+from rescli.train.records import RunRecords
+from rescli.train.run_folder import data_record, write_history
+from rescli.train.schedule import Plan, epoch_order
+from rescli.train.settings import LR_AUTO, TrainSettings, peak_lr, resolve_strategy, settings_record, training_runtime
 from rescli.train.state import EpochTotals, TrainingState, restore_rng, seed_everything
 from rescli.train.step import NonFiniteLoss, SoftmaxObjective, Trainer, class_weights_for, maybe_sync_bn
 from rescli.train.validation import validate
@@ -157,7 +164,7 @@ class _Loop:
     trainer: Trainer
     state: TrainingState
     records: RunRecords
-    batches: FeatureBatches | ImageBatches
+    batches: TrainingBatches
     eval_logits: Callable[[torch.Tensor], torch.Tensor]
     notes: Notes
 
@@ -218,7 +225,7 @@ def _records(run: Run, *, epochs_left: int) -> tuple[RunRecords, dict[str, Any]]
     return records, run_info
 
 
-def _training_batches(run: Run, notes: Notes) -> FeatureBatches | ImageBatches:
+def _training_batches(run: Run, notes: Notes) -> TrainingBatches:
     s, ctx = run.settings, run.ctx
     if run.features is not None:
         return FeatureBatches(run.features.train, run.runtime.device)
