@@ -28,7 +28,7 @@ from rescli.core.errors import RescliError
 from rescli.models.checkpoint import load_checkpoint, model_from_checkpoint
 from rescli.models.registry import IMAGENET_MEAN, create_model
 from rescli.models.weights import torch_hub_checkpoint_dir
-from rescli.train import loop as loop_module
+from rescli.train import finish as finish_module
 from rescli.train import run_folder as run_folder_module
 from rescli.train.interrupts import Interrupted, StopFlag
 from rescli.train.loop import finetune
@@ -120,13 +120,13 @@ def test_full_strategy_trains_every_tensor(data_dir, start_weights, tmp_path):
 
 def test_gradual_freezes_backbone_first_then_trains_it_with_lower_lrs_for_earlier_layers(data_dir, start_weights, tmp_path, monkeypatch):
     saved: list[tuple[str, dict]] = []
-    real_save = loop_module.save_checkpoint
+    real_save = finish_module.save_checkpoint
 
     def spy(ckpt, path):  # keep a copy of every checkpoint written
         saved.append((Path(path).name, {"epoch": ckpt.get("epoch"), "model": dict(ckpt["model"]), "optimizer": ckpt.get("optimizer")}))
         return real_save(ckpt, path)
 
-    monkeypatch.setattr(loop_module, "save_checkpoint", spy)
+    monkeypatch.setattr(finish_module, "save_checkpoint", spy)
     monkeypatch.setattr(run_folder_module, "save_checkpoint", spy)
     lr = 2e-3
     finetune(settings=settings(data_dir, weights=str(start_weights), strategy="gradual", freeze_epochs=1, lr=lr), output=tmp_path / "run")

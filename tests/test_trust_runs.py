@@ -169,7 +169,7 @@ def test_a_last_training_batch_of_one_image_trains_and_says_so_once(cli, tmp_pat
 # --- 7: interrupts in the tail of a run, and outside training --------------------------------------------------------
 
 def test_an_interrupt_during_the_final_evaluation_is_resumable(tmp_path, monkeypatch):
-    from rescli.train import loop as train_module
+    from rescli.train import finish as train_module
 
     data = make_class_folder(tmp_path / "data", per_class=6, size=16)
     real = train_module.write_evaluation

@@ -19,10 +19,11 @@ Semantics, the same whatever the number of processes:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -79,7 +80,9 @@ def init_from_env(device_spec: str) -> tuple[DistContext, str]:
     ctx = DistContext(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     spec = (device_spec or "auto").strip().lower()
     if spec.startswith("cuda:"):
-        raise UsageError("--device cuda:N does not apply to distributed runs; each process uses the GPU of its LOCAL_RANK")
+        raise UsageError(
+            "--device cuda:N does not apply to distributed runs; each process uses the GPU of its LOCAL_RANK"
+        )
     use_cuda = spec in ("auto", "cuda") and torch.cuda.is_available()
     if use_cuda:
         if ctx.local_rank >= torch.cuda.device_count():
@@ -171,7 +174,9 @@ def gather_arrays(ctx: DistContext, **arrays: np.ndarray) -> dict[str, np.ndarra
     return {k: np.concatenate([g[k] for g in gathered]) for k in arrays}
 
 
-def gather_by_index(ctx: DistContext, index: np.ndarray, **arrays: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def gather_by_index(
+    ctx: DistContext, index: np.ndarray, **arrays: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Gather sharded per-item arrays and put them in ``index`` order (ascending), as one process would have them.
 
     Raises RescliError if an index came from two ranks: each item must be counted exactly once.
@@ -181,7 +186,8 @@ def gather_by_index(ctx: DistContext, index: np.ndarray, **arrays: np.ndarray) -
     order = np.argsort(idx, kind="stable")
     idx = idx[order]
     if len(idx) > 1 and (np.diff(idx) == 0).any():
-        raise RescliError(f"distributed gather: {int((np.diff(idx) == 0).sum())} item(s) came from more than one process")
+        twice = int((np.diff(idx) == 0).sum())
+        raise RescliError(f"distributed gather: {twice} item(s) came from more than one process")
     return idx, {k: v[order] for k, v in got.items()}
 
 
@@ -293,7 +299,9 @@ def check_in_sync(module: nn.Module, ctx: DistContext) -> None:
     if not ctx.enabled:
         return
     with torch.no_grad():
-        total = sum(float(p.detach().double().sum()) + float(p.detach().double().abs().sum()) for p in module.parameters())
+        total = sum(
+            float(p.detach().double().sum()) + float(p.detach().double().abs().sum()) for p in module.parameters()
+        )
     sums = gather_objects(ctx, total)
     if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
         raise shared_error(f"distributed: model parameters differ across processes (checksums {sums})")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from rescli.core import events
 from rescli.core.errors import RescliError
@@ -24,7 +24,7 @@ class StopFlag:
         self.signal_name: str | None = None
 
     @contextmanager
-    def installed(self) -> Iterator["StopFlag"]:
+    def installed(self) -> Iterator[StopFlag]:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return

@@ -9,7 +9,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from rescli.core.cpus import available_cpus
 from rescli.core.errors import RescliError, UsageError
@@ -68,7 +69,8 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     fd, status_file = tempfile.mkstemp(prefix="rescli-launch-", suffix=".status")
     os.close(fd)
     env[STATUS_FILE_ENV] = status_file
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "rescli", *argv]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = [*torchrun, "-m", "rescli", *argv]
     try:
         try:
             proc = subprocess.Popen(cmd, env=env)

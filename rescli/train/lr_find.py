@@ -27,11 +27,15 @@ from rescli.data.scan import scan_dataset
 from rescli.data.transforms import build_transform, draft_size_for, to_model_input
 from rescli.models.registry import create_model
 from rescli.models.weights import load_pretrained
+from rescli.train.distributed import DistContext, on_main
 from rescli.train.params import (
     freeze_batchnorm_stats,
     param_groups,
     set_backbone_trainable,
 )
+from rescli.train.run_folder import report_scan
+from rescli.train.settings import TrainSettings, resolve_strategy, training_runtime, validate_settings
+from rescli.train.state import seed_everything
 
 
 @dataclass
@@ -96,6 +100,30 @@ def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float, float]
     return float(lr[valley(list(loss))]), minimum, steepest
 
 
+@dataclass
+class _Curve:
+    """The sweep's losses as they come: raw, smoothed (bias-corrected moving average), and whether it blew up."""
+
+    smoothing: float
+    divergence: float
+    lrs: list[float] = field(default_factory=list)
+    raw: list[float] = field(default_factory=list)
+    smooth: list[float] = field(default_factory=list)
+    average: float = 0.0
+    best: float = math.inf
+    diverged: bool = False
+
+    def add(self, lr: float, loss: float) -> None:
+        self.average = self.smoothing * self.average + (1 - self.smoothing) * loss
+        smoothed = self.average / (1 - self.smoothing ** (len(self.lrs) + 1))
+        self.lrs.append(lr)
+        self.raw.append(loss)
+        self.smooth.append(smoothed)
+        self.best = min(self.best, smoothed)
+        if len(self.lrs) > 5 and smoothed > self.divergence * self.best:
+            self.diverged = True
+
+
 def range_test(
     model: nn.Module,
     train_ds,
@@ -114,7 +142,6 @@ def range_test(
     num_steps: int = 100,
     smoothing: float = 0.98,
     divergence: float = 4.0,
-    show_progress: bool = True,
 ) -> LRFindResult:
     """Train a copy of ``model`` for up to ``num_steps`` batches with the LR rising from start_lr to end_lr."""
     if not (0 < start_lr < end_lr):
@@ -123,82 +150,121 @@ def range_test(
         raise UsageError("lr-find needs at least 5 steps")
     if len(train_ds) == 0:
         raise RescliError("lr-find: no training images")
-    net = copy.deepcopy(model)
-    set_backbone_trainable(net, not frozen_backbone)
-    net.train()
-    if frozen_backbone:
-        freeze_batchnorm_stats(net)
-    groups = param_groups(net, lr=start_lr, weight_decay=weight_decay)
-    groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
-    optimizer = torch.optim.AdamW(groups, lr=start_lr, fused=runtime.device.type in ("cuda", "cpu") or None)
-    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    trainable = [p for g in groups for p in g["params"] if p.requires_grad]
+    sweep = _Sweep(model, runtime=runtime, mean=mean, std=std, frozen_backbone=frozen_backbone,
+                   weight_decay=weight_decay, label_smoothing=label_smoothing, start_lr=start_lr)
     ratio = (end_lr / start_lr) ** (1.0 / (num_steps - 1))
-
-    lrs: list[float] = []
-    raw: list[float] = []
-    smooth: list[float] = []
-    avg, best = 0.0, math.inf
-    diverged = False
+    curve = _Curve(smoothing, divergence)
     g = torch.Generator()
     g.manual_seed(seed)
-    step = 0
     with events.counting("lr-find", num_steps) as advance:
-        while step < num_steps and not diverged:
+        while len(curve.lrs) < num_steps and not curve.diverged:  # the data repeats if it is smaller
             order = torch.randperm(len(train_ds), generator=g).tolist()
             loader = make_loader(
-                train_ds, batch_size=batch_size, shuffle=False, workers=workers, sampler=order, seed=seed + step,
-                pin_memory=runtime.device.type == "cuda",
+                train_ds, batch_size=batch_size, shuffle=False, workers=workers, sampler=order,
+                seed=seed + len(curve.lrs), pin_memory=runtime.device.type == "cuda",
             )
             usable = 0
             for batch in loader:
-                if step >= num_steps:
+                if len(curve.lrs) >= num_steps:
                     break
                 if batch.labels.numel() == 0:
                     continue
                 usable += 1
-                lr = start_lr * ratio**step
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x = to_model_input(batch.images, device=runtime.device, mean=mean, std=std, channels_last=runtime.channels_last)
-                y = batch.labels.to(runtime.device)
-                with runtime.autocast():
-                    loss = criterion(net(x).float(), y)
-                value = loss.item()
-                if not math.isfinite(value):
-                    diverged = True
+                lr = start_lr * ratio ** len(curve.lrs)
+                loss = sweep.step(batch, lr=lr)
+                if not math.isfinite(loss):
+                    curve.diverged = True
                     break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(trainable, 1.0)
-                optimizer.step()
-                avg = smoothing * avg + (1 - smoothing) * value
-                smoothed = avg / (1 - smoothing ** (step + 1))
-                lrs.append(lr)
-                raw.append(value)
-                smooth.append(smoothed)
-                best = min(best, smoothed)
-                step += 1
+                curve.add(lr, loss)
                 advance()
-                if step > 5 and smoothed > divergence * best:
-                    diverged = True
+                if curve.diverged:
                     break
             if usable == 0:
                 raise RescliError("lr-find: no training image could be read")
-    if len(lrs) < 5:
+    return _result(curve, start_lr=start_lr)
+
+
+class _Sweep:
+    """A copy of the model and its optimiser for the test (the caller's model is left untouched)."""
+
+    def __init__(
+        self, model: nn.Module, *, runtime: Runtime, mean, std, frozen_backbone: bool, weight_decay: float,
+        label_smoothing: float, start_lr: float,
+    ) -> None:
+        self.net = copy.deepcopy(model)
+        self.runtime, self.mean, self.std = runtime, mean, std
+        set_backbone_trainable(self.net, not frozen_backbone)
+        self.net.train()
+        if frozen_backbone:
+            freeze_batchnorm_stats(self.net)
+        groups = param_groups(self.net, lr=start_lr, weight_decay=weight_decay)
+        groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
+        fused = runtime.device.type in ("cuda", "cpu") or None
+        self.optimizer = torch.optim.AdamW(groups, lr=start_lr, fused=fused)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.trainable = [p for g in groups for p in g["params"] if p.requires_grad]
+
+    def step(self, batch, *, lr: float) -> float:
+        """One step at ``lr``; returns the loss before it (not finite: nothing was updated)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x = to_model_input(batch.images, device=self.runtime.device, mean=self.mean, std=self.std,
+                           channels_last=self.runtime.channels_last)
+        y = batch.labels.to(self.runtime.device)
+        with self.runtime.autocast():
+            loss = self.criterion(self.net(x).float(), y)
+        value = loss.item()
+        if not math.isfinite(value):
+            return value
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.optimizer.step()
+        return value
+
+
+def _result(curve: _Curve, *, start_lr: float) -> LRFindResult:
+    if len(curve.lrs) < 5:
         raise RescliError(
-            f"lr-find: the loss diverged after {len(lrs)} step(s), starting at lr {start_lr:g}; try a lower --start-lr"
+            f"lr-find: the loss diverged after {len(curve.lrs)} step(s), starting at lr {start_lr:g}; "
+            "try a lower --start-lr"
         )
     # As fastai does: leave out the first tenth (the moving average is still settling) and the last
     # points (the blow-up) when choosing, so neither can pull the suggestion around.
+    smooth = curve.smooth
     lo = len(smooth) // 10
     hi = len(smooth) - 5 if len(smooth) - 5 - lo >= 5 else len(smooth)
-    suggestion, minimum, steepest = suggest(lrs[lo:hi], smooth[lo:hi])
-    return LRFindResult(lrs, smooth, raw, suggestion, minimum, steepest, diverged)
+    suggestion, minimum, steepest = suggest(curve.lrs[lo:hi], smooth[lo:hi])
+    return LRFindResult(curve.lrs, smooth, curve.raw, suggestion, minimum, steepest, curve.diverged)
+
+
+def auto_lr(
+    model: nn.Module, train_ds, *, settings: TrainSettings, ctx: DistContext, runtime: Runtime, mean, std,
+    frozen_backbone: bool, workers: int, run_dir: Path,
+) -> dict[str, Any]:
+    """--lr auto: the range test on this model and data (distributed: on rank 0 alone, with the whole global
+    batch), its curve saved in the run folder; sets ``settings.lr`` to the suggestion and returns what run.json
+    records of it. Reseeds afterwards, so training starts from the same random state as with a given --lr."""
+
+    def test() -> dict[str, Any]:
+        events.info("--lr auto: running the learning-rate range test first")
+        found = range_test(
+            model, train_ds, runtime=runtime, mean=mean, std=std, frozen_backbone=frozen_backbone,
+            batch_size=settings.batch_size, weight_decay=settings.weight_decay,
+            label_smoothing=settings.label_smoothing, workers=workers, seed=settings.seed,
+        )
+        found.plot(run_dir / "lr_find.png")
+        return {"suggested_lr": found.suggestion, "plot": str(run_dir / "lr_find.png"), "steps": len(found.lrs)}
+
+    info = on_main(ctx, test)
+    settings.lr = info["suggested_lr"]
+    events.info(f"--lr auto: using lr {settings.lr:.3g} (curve in {run_dir / 'lr_find.png'})")
+    seed_everything(settings.seed)
+    return info
 
 
 def find_lr(
-    settings,
+    settings: TrainSettings,
     *,
     output: str | os.PathLike | None = "lr_find.png",
     start_lr: float = 1e-7,
@@ -207,19 +273,13 @@ def find_lr(
     show_progress: bool = True,
 ) -> LRFindResult:
     """``rescli lr-find``: build the model and data exactly as finetune would (same settings), run the test,
-    save the plot. Returns the result; ``extra`` names the plot and what was trained."""
-    from rescli.train.run_folder import report_scan
-    from rescli.train.settings import (
-        resolve_strategy,
-        training_runtime,
-        validate_settings,
-    )
-    from rescli.train.state import seed_everything as _seed_everything
-
+    save the plot. Returns the result; ``extra`` names the plot and what was trained. (``show_progress`` is kept
+    for callers of older versions: progress is always reported as events.)"""
     validate_settings(settings)
-    _seed_everything(settings.seed)
+    seed_everything(settings.seed)
     index = scan_dataset(
-        settings.data_dir, val_split=settings.val_split, seed=settings.seed, strict=settings.strict, workers=settings.workers
+        settings.data_dir, val_split=settings.val_split, seed=settings.seed, strict=settings.strict,
+        workers=settings.workers,
     )
     report_scan(index, None)
     classes = index.classes
@@ -229,7 +289,7 @@ def find_lr(
         settings.strategy, pretrained=winfo.pretrained, epochs=settings.epochs, freeze_epochs=settings.freeze_epochs
     )
     runtime = training_runtime(settings)
-    model.to(runtime.device, memory_format=runtime.memory_format)
+    model.to(runtime.device).to(memory_format=runtime.memory_format)  # two calls: torch's stubs type no call with both
     train_ds = ImageSamples(
         index.splits["train"],
         build_transform(img_size=settings.img_size, train=True, augment=settings.augment),
@@ -237,14 +297,15 @@ def find_lr(
     )
     frozen = strategy == "head" or (strategy == "gradual" and frozen_epochs > 0)
     events.info(
-        f"lr range test: {settings.arch} · {len(classes)} classes · {len(train_ds)} train images · {runtime.describe()} · "
-        f"{'head only (backbone frozen)' if frozen else 'whole network'} · lr {start_lr:g} → {end_lr:g} over up to {num_steps} steps"
+        f"lr range test: {settings.arch} · {len(classes)} classes · {len(train_ds)} train images · "
+        f"{runtime.describe()} · {'head only (backbone frozen)' if frozen else 'whole network'} · "
+        f"lr {start_lr:g} → {end_lr:g} over up to {num_steps} steps"
     )
     result = range_test(
         model, train_ds, runtime=runtime, mean=list(winfo.mean), std=list(winfo.std), frozen_backbone=frozen,
         batch_size=settings.batch_size, weight_decay=settings.weight_decay, label_smoothing=settings.label_smoothing,
         workers=default_workers() if settings.workers is None else settings.workers, seed=settings.seed,
-        start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, show_progress=show_progress,
+        start_lr=start_lr, end_lr=end_lr, num_steps=num_steps,
     )
     result.extra.update(trained="head" if frozen else "all", strategy=strategy)
     if output is not None:

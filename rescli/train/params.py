@@ -9,6 +9,11 @@ from torch import nn
 from rescli.models.registry import head_prefix
 
 
+def head(model: nn.Module) -> nn.Module:
+    """The classification head: the ``fc`` layer of torchvision's ResNets and of the CIFAR nets."""
+    return model.get_submodule(head_prefix().rstrip("."))
+
+
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
     for name, p in model.named_parameters():
         if not name.startswith(head_prefix()):
@@ -33,7 +38,9 @@ def layer_groups(model: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
     return [groups[k] for k in order if k in groups]
 
 
-def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone_lr_ratio: float = 1.0) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, *, lr: float, weight_decay: float, backbone_lr_ratio: float = 1.0
+) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on norms and biases; earlier stages get geometrically lower LRs.
 
     backbone_lr_ratio is the LR of the stem relative to the head; stages in between are spaced

@@ -61,7 +61,9 @@ def _mkdir(path: Path, **kwargs: bool) -> None:
 
 
 def _cannot_create(path: Path, exc: OSError) -> RescliError:
-    return RescliError(f"cannot create run folder {path}: {exc.strerror or exc}; choose a writable place with --output DIR")
+    return RescliError(
+        f"cannot create run folder {path}: {exc.strerror or exc}; choose a writable place with --output DIR"
+    )
 
 
 def check_output_dir(out: Path) -> None:
@@ -71,7 +73,9 @@ def check_output_dir(out: Path) -> None:
     if not out.is_dir():
         raise UsageError(f"--output {out}: exists and is not a folder")
     if any((out / name).exists() for name in RUN_FILE_MARKERS) or any(out.glob("*.pt")):
-        raise UsageError(f"--output {out}: already holds a run; choose a new folder, or continue it with --resume {out}")
+        raise UsageError(
+            f"--output {out}: already holds a run; choose a new folder, or continue it with --resume {out}"
+        )
     others = sorted(p.name for p in out.iterdir() if not STALE_TEMP.match(p.name))
     if others:
         shown = ", ".join(others[:3]) + (f" (+{len(others) - 3} more)" if len(others) > 3 else "")
@@ -85,7 +89,7 @@ class RunFolderLock:
         self.folder = Path(folder)
         self._fd: int | None = None
 
-    def acquire(self) -> "RunFolderLock":
+    def acquire(self) -> RunFolderLock:
         try:
             import fcntl
         except ImportError:  # Windows: no flock; the checks on the folder's contents still apply
@@ -111,7 +115,7 @@ class RunFolderLock:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
-    def __enter__(self) -> "RunFolderLock":
+    def __enter__(self) -> RunFolderLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
@@ -120,7 +124,7 @@ class RunFolderLock:
 
 def remove_stale_temps(folder: Path) -> list[str]:
     """Delete the temp files a killed atomic write left in ``folder`` (call only while holding its lock)."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(folder.iterdir())
     except OSError:
@@ -228,7 +232,9 @@ def data_record(index: DatasetIndex) -> dict[str, Any]:
         samples = index.splits.get(split, [])
         return {"paths": [index.rel(p) for p, _ in samples], "labels": [int(y) for _, y in samples]}
 
-    train_hashes = [index.infos[p].sha1[:16] for p, _ in index.splits["train"] if p in index.infos and index.infos[p].sha1]
+    train_hashes = [
+        index.infos[p].sha1[:16] for p, _ in index.splits["train"] if p in index.infos and index.infos[p].sha1
+    ]
     return {
         "root": str(Path(index.root).resolve()),
         "layout": index.layout,
@@ -247,8 +253,8 @@ def restore_split(index: DatasetIndex, state: dict[str, Any]) -> DatasetIndex:
     if index.classes != stored:
         new = sorted(set(index.classes) - set(stored))
         gone = sorted(set(stored) - set(index.classes))
-        what = "; ".join(part for part in (f"new: {', '.join(new)}" if new else "", f"gone: {', '.join(gone)}" if gone else "")
-                         if part) or "same names in another order"
+        parts = (f"new: {', '.join(new)}" if new else "", f"gone: {', '.join(gone)}" if gone else "")
+        what = "; ".join(part for part in parts if part) or "same names in another order"
         raise RescliError(
             f"--resume: the classes of {index.root} changed since the run started ({what}); a resumed run must keep "
             f"its classes. Restore them, or start a new run"
@@ -268,9 +274,13 @@ def restore_split(index: DatasetIndex, state: dict[str, Any]) -> DatasetIndex:
     missing = len(listed) - sum(len(v) for v in kept.values())
     added = len(usable - listed)
     if added:
-        events.info(f"resume: {added} image(s) added to {root} since the run started are left out; the run keeps its split")
+        events.info(
+            f"resume: {added} image(s) added to {root} since the run started are left out; the run keeps its split"
+        )
     if missing:
-        events.warn(f"resume: {missing} image(s) of the run's split are gone or unreadable now; training goes on without them")
+        events.warn(
+            f"resume: {missing} image(s) of the run's split are gone or unreadable now; training goes on without them"
+        )
     index.splits = {**kept, **({"test": index.splits["test"]} if "test" in index.splits else {})}
     return index
 

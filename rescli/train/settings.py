@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from rescli.core.errors import UsageError
+from rescli.core.errors import RescliError, UsageError
 from rescli.core.runtime import Runtime, select_runtime
+from rescli.models.checkpoint import MAX_IMG_SIZE
 from rescli.models.registry import arch_spec
 
 STRATEGIES = ("auto", "head", "full", "gradual")
+LR_AUTO = "auto"  # --lr auto: the learning-rate range test picks the rate before training
 
 
 @dataclass
@@ -26,13 +28,14 @@ class TrainSettings:
     epochs: int = 5
     batch_size: int = 32
     img_size: int = 224
-    lr: float = 2e-3
+    lr: float | str = 2e-3  # a number, or "auto"; a string from the command line is parsed by validate_settings
     weight_decay: float = 0.05
     backbone_lr_ratio: float = 0.01
     warmup_fraction: float = 0.1
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
-    augment: str = "none"  # short runs underfit: augmentation only slows them (docs/training.md); light/strong for long runs
+    # Short runs underfit: augmentation only slows them (docs/training.md); light/strong for long runs.
+    augment: str = "none"
     balance: bool = False
     patience: int | None = None
     val_split: float = 0.2
@@ -45,12 +48,14 @@ class TrainSettings:
     mixup: float = 0.0  # Beta(alpha, alpha) mixing of image pairs; 0 = off
     cutmix: float = 0.0  # alpha of CutMix boxes; 0 = off (both on: one or the other per batch)
     cache_features: bool = True  # head strategy without augmentation: train the head on cached backbone features
-    cache_images: bool = True  # keep decoded validation images (and training ones with --augment none) in RAM after epoch 1
+    # Keep decoded validation images (and training ones with --augment none) in RAM after epoch 1.
+    cache_images: bool = True
     sync_bn: bool = False  # distributed runs on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
 
 
 def settings_from_dict(d: dict[str, Any]) -> TrainSettings:
-    """Settings stored in a checkpoint -> TrainSettings; keys added for information (or by newer versions) are ignored."""
+    """Settings stored in a checkpoint -> TrainSettings; keys added for information (or by newer versions) are
+    ignored."""
     known = {f.name for f in fields(TrainSettings)}
     return TrainSettings(**{k: v for k, v in d.items() if k in known})
 
@@ -74,33 +79,38 @@ SMALL_IMAGES_FP32 = 40  # below this size, fp32 NCHW trains faster than bf16 cha
 
 def training_runtime(settings: TrainSettings, *, device: str | None = None) -> Runtime:
     """Device and precision for training. --precision auto on a CPU picks bf16 + channels_last (AMX), except
-    for small images: measured here (resnet18, batch 32, AMX CPU) fp32 NCHW takes 127 vs 162 ms a step at
-    32 px and loses from 48 px on (241 vs 222; 96 px: 650 vs 344), as the tiny convolutions cannot use AMX.
+    for small images, where fp32 NCHW is faster (docs/performance.md): the tiny convolutions cannot use AMX.
     ``device`` overrides settings.device (a distributed run's process uses the GPU of its local rank)."""
     runtime = select_runtime(device=settings.device if device is None else device, precision=settings.precision)
+    auto_precision = (settings.precision or "auto").lower() == "auto"
     if (
-        runtime.device.type == "cpu" and (settings.precision or "auto").lower() == "auto" and runtime.precision == "bf16"
+        runtime.device.type == "cpu" and auto_precision and runtime.precision == "bf16"
         and settings.img_size < SMALL_IMAGES_FP32
-        # CIFAR-style nets keep full resolution in their first stage, where AMX wins (resnet56 at 32 px:
-        # 291 ms bf16 vs 655 ms fp32 a step), so the rule is for torchvision's 4x-downsampling stem only.
+        # CIFAR-style nets keep full resolution in their first stage, where AMX wins even on small images,
+        # so the rule is for torchvision's 4x-downsampling stem only.
         and arch_spec(settings.arch).family == "torchvision"
     ):
         return Runtime(device=runtime.device, precision="fp32", channels_last=False)
     return runtime
 
 
+def check_run_settings(settings: TrainSettings) -> None:
+    """Usage errors (exit 2) for values no fine-tuning run can use; checked before a run folder is made."""
+    if settings.epochs < 1:
+        raise UsageError("--epochs must be at least 1")
+    if settings.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if not 8 <= settings.img_size <= MAX_IMG_SIZE:
+        raise UsageError(f"--img-size must be from 8 to {MAX_IMG_SIZE} pixels")
+    validate_settings(settings)
+
+
 def validate_settings(settings: TrainSettings) -> None:
-    """Usage errors (exit 2) for values no run can use; checked before any data is read."""
-    if isinstance(settings.lr, str):
-        if settings.lr.strip().lower() != "auto":
-            try:
-                settings.lr = float(settings.lr)
-            except ValueError:
-                raise UsageError(f"--lr {settings.lr!r}: expected a number such as 2e-3, or auto") from None
-        else:
-            settings.lr = "auto"
-    if settings.lr != "auto" and not (math.isfinite(settings.lr) and settings.lr > 0):
-        raise UsageError(f"--lr {settings.lr}: must be a positive number (or auto)")
+    """Usage errors (exit 2) for values no run can use; checked before any data is read. Parses --lr: afterwards
+    ``settings.lr`` is a float or LR_AUTO."""
+    lr = settings.lr = _parsed_lr(settings.lr)
+    if not isinstance(lr, str) and not (math.isfinite(lr) and lr > 0):  # the only string left is LR_AUTO
+        raise UsageError(f"--lr {lr}: must be a positive number (or auto)")
     for name in ("mixup", "cutmix"):
         value = getattr(settings, name)
         if not (math.isfinite(value) and value >= 0):
@@ -111,3 +121,32 @@ def validate_settings(settings: TrainSettings) -> None:
         raise UsageError("warmup_fraction must be in [0, 1) and backbone_lr_ratio in (0, 1]")
     if settings.patience is not None and settings.patience < 1:
         raise UsageError("--patience must be at least 1")
+
+
+def _parsed_lr(lr: float | str) -> float | str:
+    if not isinstance(lr, str):
+        return lr
+    if lr.strip().lower() == LR_AUTO:
+        return LR_AUTO
+    try:
+        return float(lr)
+    except ValueError:
+        raise UsageError(f"--lr {lr!r}: expected a number such as 2e-3, or auto") from None
+
+
+def peak_lr(settings: TrainSettings) -> float:
+    """--lr as the number training uses: set by validate_settings, or by the range test of --lr auto."""
+    if isinstance(settings.lr, str):
+        raise RescliError(f"--lr {settings.lr!r} was not turned into a number before training (a bug)")
+    return settings.lr
+
+
+def settings_record(
+    settings: TrainSettings, *, strategy: str, frozen_epochs: int, train_images: int, val_images: int
+) -> dict[str, Any]:
+    """The settings as every checkpoint and run.json store them, with what they resolved to in this run."""
+    record = asdict(settings)
+    record["strategy_resolved"] = strategy
+    record["frozen_epochs"] = frozen_epochs
+    record["train_images"], record["val_images"] = train_images, val_images
+    return record
