@@ -43,10 +43,10 @@ def load_model(path: str):
     except ValueError:
         meta = None
     if not isinstance(meta, dict):
-        sys.exit(f"{path}: no rescli metadata inside; export it with `rescli export CHECKPOINT --format onnx`")
+        sys.exit(f"{path}: no rescli metadata inside; export it with `rescli export CHECKPOINT --to onnx`")
     problem = metadata_problem(meta) or graph_problem(session, meta)
     if problem:
-        sys.exit(f"{path}: {problem}; export it again with `rescli export CHECKPOINT --format onnx`")
+        sys.exit(f"{path}: {problem}; export it again with `rescli export CHECKPOINT --to onnx`")
     return session, meta
 
 

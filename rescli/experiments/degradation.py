@@ -177,7 +177,7 @@ def run_degradation(
     batch_size: int = RECIPE.batch_size,
     img_size: int = RECIPE.img_size,
     shortcut: str = "A",
-    lr: float = RECIPE.lr,
+    lr: float = float(RECIPE.lr),
     weight_decay: float = RECIPE.weight_decay,
     label_smoothing: float = RECIPE.label_smoothing,
     augment: str = RECIPE.augment,

@@ -140,7 +140,7 @@ def finetune(
         settings = TrainSettings(
             data_dir=str(data_dir), arch=chosen_arch, arch_kwargs=arch_kwargs, weights=weights, strategy=strategy,
             freeze_epochs=freeze_epochs, epochs=epochs or 5, batch_size=batch_size, img_size=img_size,
-            lr=lr,  # type: ignore[arg-type]  # a number, or "auto"; as text, checked by TrainSettings' checks
+            lr=lr,  # a number, or "auto", as text: TrainSettings checks it
             weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, patience=patience,
             balance=balance, val_split=val_split, seed=seed, workers=workers, device=device, precision=precision,
             strict=strict, compile=compile_, mixup=mixup, cutmix=cutmix, cache_features=cache_features,
