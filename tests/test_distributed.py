@@ -224,8 +224,8 @@ def test_nproc_matches_a_single_process_run_and_a_single_process_resumes_it(cli,
 def test_distributed_run_resumes_a_single_process_run_mid_epoch(odd_data, tmp_path):
     # Cached-feature head training (features computed in shards and gathered); interrupted in the middle of
     # epoch 1 by one process, finished by two: the same run as one process training straight through.
-    settings = dict(data_dir=str(odd_data), arch="resnet20", weights="none", img_size=16, workers=0, precision="fp32",
-                    augment="none", strategy="head", epochs=2, batch_size=4)
+    settings = {"data_dir": str(odd_data), "arch": "resnet20", "weights": "none", "img_size": 16, "workers": 0,
+                "precision": "fp32", "augment": "none", "strategy": "head", "epochs": 2, "batch_size": 4}
     finetune(settings=TrainSettings(**settings), output=tmp_path / "straight", show_progress=False)
     with pytest.raises(Interrupted):
         finetune(settings=TrainSettings(**settings), output=tmp_path / "run", show_progress=False, _stop=StopAfter(3))

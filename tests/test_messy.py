@@ -52,8 +52,8 @@ def photos(tmp_path_factory):
             csv_res = run_cli("predict", data, "--model", model, "--format", "csv", "--workers", "1", cwd=root)
     finally:
         torch.set_num_threads(threads)
-    return dict(data=data, expect=expect, before=before, after=snapshot(data), run=root / "run", cache=root / "cache",
-                train=train, report=report, jsonl=jsonl, table=table, csv=csv_res)
+    return {"data": data, "expect": expect, "before": before, "after": snapshot(data), "run": root / "run",
+            "cache": root / "cache", "train": train, "report": report, "jsonl": jsonl, "table": table, "csv": csv_res}
 
 
 def good_files(expect) -> list[str]:
@@ -83,7 +83,7 @@ def test_finetune_names_each_broken_file_exactly_once(photos):
     rows = [line.split("\t") for line in lines]
     assert sorted(r[1] for r in rows if r[0] == "broken") == expect["broken"]
     assert sorted(r[1] for r in rows if r[0] == "ignored") == expect["ignored"]
-    assert dict((r[1], r[2]) for r in rows if r[0] == "ignored")["temple/.hidden_edit.jpg"] == "hidden file"
+    assert {r[1]: r[2] for r in rows if r[0] == "ignored"}["temple/.hidden_edit.jpg"] == "hidden file"
     assert sorted(r[1] for r in rows if r[0] == "empty") == expect["empty_classes"]
     assert not any(mark in line for line in lines for mark in CLUTTER_MARKS)
     assert not any(rel in photos["train"].out for rel in expect["broken"])  # stdout: results only

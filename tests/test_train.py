@@ -37,8 +37,8 @@ from rescli.train.mixing import mix_batch
 from rescli.train.settings import TrainSettings
 from rescli.train.state import seed_everything
 
-TINY = dict(arch="resnet20", weights="none", img_size=16, batch_size=4, workers=0)
-STRAIGHT = dict(epochs=3, precision="bf16", augment="light")
+TINY = {"arch": "resnet20", "weights": "none", "img_size": 16, "batch_size": 4, "workers": 0}
+STRAIGHT = {"epochs": 3, "precision": "bf16", "augment": "light"}
 STEPS_PER_EPOCH = 4  # 3 classes x 6 images -> 15 train (4 batches of 4) / 3 val
 
 
@@ -223,7 +223,7 @@ def test_imagenet_offline_fails_fast_in_one_line(cli, data_dir, tmp_path, monkey
 # --- cached features, mixup/cutmix ------------------------------------------------------------------------
 
 def test_head_on_cached_features_matches_training_through_the_backbone(data_dir, start_weights, tmp_path):
-    kw = dict(weights=str(start_weights), strategy="head", augment="none", precision="fp32", epochs=3)
+    kw = {"weights": str(start_weights), "strategy": "head", "augment": "none", "precision": "fp32", "epochs": 3}
     cached = finetune(settings=settings(data_dir, **kw), output=tmp_path / "cached")
     direct = finetune(settings=settings(data_dir, cache_features=False, **kw), output=tmp_path / "direct")
     assert "feature_cache" in json.loads((tmp_path / "cached" / "run.json").read_text())

@@ -321,12 +321,12 @@ def onnx_model(path: Path, *, channels: int = 3, size: int = 24, logits: int = 2
 
 
 ONNX_CASES = {  # name -> (graph changes, the field the error names, words it contains)
-    "input size 32 for img_size 24": (dict(size=32), "input", "32x32 images, but its metadata says img_size 24"),
-    "1-channel graph": (dict(channels=1), "input", "1-channel images"),
-    "4-D output": (dict(four_d=True), "output", "4 axes"),
-    "5 logits for 2 classes": (dict(logits=5), "classes", "2 names, but the model outputs 5 logits"),
-    "std 0": (dict(std=[0.2, 0.0, 0.2]), "std", "above 0"),
-    "temperature 0": (dict(temperature=0), "temperature", "above 0"),
+    "input size 32 for img_size 24": ({"size": 32}, "input", "32x32 images, but its metadata says img_size 24"),
+    "1-channel graph": ({"channels": 1}, "input", "1-channel images"),
+    "4-D output": ({"four_d": True}, "output", "4 axes"),
+    "5 logits for 2 classes": ({"logits": 5}, "classes", "2 names, but the model outputs 5 logits"),
+    "std 0": ({"std": [0.2, 0.0, 0.2]}, "std", "above 0"),
+    "temperature 0": ({"temperature": 0}, "temperature", "above 0"),
 }
 
 
@@ -360,8 +360,8 @@ def test_onnx_example_script_refuses_bad_metadata(tmp_path):
     pytest.importorskip("onnxruntime")
     image = write_color_images(tmp_path / "img", (220, 40, 40), 1)[0]
     script = str(REPO / "examples" / "predict_onnx.py")
-    for changes, field in ((dict(temperature=0), "temperature"), (dict(std=[0.2, 0.0, 0.2]), "std"),
-                           (dict(logits=5), "classes"), (dict(channels=1), "input")):
+    for changes, field in (({"temperature": 0}, "temperature"), ({"std": [0.2, 0.0, 0.2]}, "std"),
+                           ({"logits": 5}, "classes"), ({"channels": 1}, "input")):
         path = onnx_model(tmp_path / "bad.onnx", **changes)
         res = subprocess.run([sys.executable, script, str(path), str(image)], capture_output=True, text=True,
                              timeout=120)
