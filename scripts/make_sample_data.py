@@ -30,7 +30,8 @@ def write_digits(out: Path, *, per_class: int | None = None, size: int = 32, off
         folder.mkdir(parents=True, exist_ok=True)
         for i in idx:
             pixels = (255 - digits.images[i] * (255 / 16)).clip(0, 255).astype(np.uint8)  # dark ink on white paper
-            Image.fromarray(pixels, "L").resize((size, size), Image.BICUBIC).save(folder / f"{name}_{i:04d}.png", optimize=True)
+            image = Image.fromarray(pixels, "L").resize((size, size), Image.BICUBIC)
+            image.save(folder / f"{name}_{i:04d}.png", optimize=True)
             written += 1
     return written
 

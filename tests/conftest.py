@@ -40,7 +40,9 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
 
 
-def write_color_images(folder: Path, color: tuple[int, int, int], n: int, *, size: int = 24, seed: int = 0, fmt: str = "png") -> list[Path]:
+def write_color_images(
+    folder: Path, color: tuple[int, int, int], n: int, *, size: int = 24, seed: int = 0, fmt: str = "png"
+) -> list[Path]:
     """Noisy images dominated by one colour: a model learns them in a few steps."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -54,7 +56,9 @@ def write_color_images(folder: Path, color: tuple[int, int, int], n: int, *, siz
     return paths
 
 
-def make_class_folder(root: Path, *, per_class: int = 12, size: int = 24, classes=("red", "green", "blue"), seed: int = 0) -> Path:
+def make_class_folder(
+    root: Path, *, per_class: int = 12, size: int = 24, classes=("red", "green", "blue"), seed: int = 0
+) -> Path:
     for k, name in enumerate(classes):
         write_color_images(root / name, COLORS[name], per_class, size=size, seed=seed + k)
     return root

@@ -1,4 +1,7 @@
-"""A process of the 2-process gloo group in test_distributed (spawned: imports only what it needs, so it starts fast)."""
+"""A process of the 2-process gloo group in test_distributed.
+
+Spawned: it imports only what it needs, so it starts fast.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ def collectives(rank: int, store: str, out: str) -> None:
     result: dict = {}
     mine = shard(list(range(7)), ctx)  # [0, 2, 4, 6] and [1, 3, 5]
     idx, got = gather_by_index(
-        ctx, np.array(mine[::-1]), logits=np.array([[i, -i] for i in mine[::-1]], np.float32), y=np.array(mine[::-1]) % 2
+        ctx, np.array(mine[::-1]),
+        logits=np.array([[i, -i] for i in mine[::-1]], np.float32), y=np.array(mine[::-1]) % 2,
     )
     result["idx"], result["logits"], result["y"] = idx.tolist(), got["logits"].tolist(), got["y"].tolist()
     try:

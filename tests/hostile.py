@@ -204,7 +204,8 @@ def photo_crop(photos: dict[str, Image.Image], cls: str, i: int) -> Image.Image:
 def make_messy_photo_folder(root: pathlib.Path, *, per_class: int = 8) -> dict:
     """A folder of real photo crops in three classes, salted like a real download: broken files, odd-but-valid images,
     clutter, notes, an empty class folder and a duplicate across classes. Returns what a correct reader sees (as
-    make_hostile_class_folder does): classes, good {class: [paths]}, broken, ignored, clutter, empty_classes, duplicates.
+    make_hostile_class_folder does): classes, good {class: [paths]}, broken, ignored, clutter, empty_classes,
+    duplicates.
     """
     root = pathlib.Path(root)
     photos = sample_photos()
@@ -222,7 +223,8 @@ def make_messy_photo_folder(root: pathlib.Path, *, per_class: int = 8) -> dict:
     upright = photo_crop(photos, "temple", 100)
     exif = Image.Exif()
     exif[0x0112] = 8  # stored turned clockwise; viewers (and rescli) turn it back
-    add("temple", "phone_portrait.jpg", _encode(upright.transpose(Image.Transpose.ROTATE_270), "JPEG", exif=exif.tobytes()))
+    turned = upright.transpose(Image.Transpose.ROTATE_270)
+    add("temple", "phone_portrait.jpg", _encode(turned, "JPEG", exif=exif.tobytes()))
     add("temple", "print_cmyk.jpg", _encode(photo_crop(photos, "temple", 101).convert("CMYK"), "JPEG", quality=90))
     add("flower", "actually_png.jpg", _encode(photo_crop(photos, "flower", 100), "PNG"))
     gray16 = photo_crop(photos, "flower", 101).convert("L").point(lambda v: v * 257, "I").convert("I;16")
@@ -231,7 +233,8 @@ def make_messy_photo_folder(root: pathlib.Path, *, per_class: int = 8) -> dict:
     rgba.putalpha(Image.new("L", rgba.size, 200))
     add("flower", "cutout.PNG", _encode(rgba, "PNG"))
     add("sky", "shared.webp", _encode(photo_crop(photos, "sky", 100), "WEBP", quality=90))
-    add("sky", "palette.gif", _encode(photo_crop(photos, "sky", 101).convert("P", palette=Image.Palette.ADAPTIVE), "GIF"))
+    paletted = photo_crop(photos, "sky", 101).convert("P", palette=Image.Palette.ADAPTIVE)
+    add("sky", "palette.gif", _encode(paletted, "GIF"))
     add("sky", "scan.TIFF", _encode(photo_crop(photos, "sky", 102), "TIFF"))
     dup = _encode(photo_crop(photos, "sky", 103), "JPEG", quality=90)
     add("sky", "IMG_9000.jpg", dup)
@@ -241,7 +244,8 @@ def make_messy_photo_folder(root: pathlib.Path, *, per_class: int = 8) -> dict:
     broken = sorted([
         _write(root, "temple/IMG_0100.jpg", b""),  # zero bytes: a failed copy
         _write(root, "flower/download.jpg", cut[: len(cut) * 2 // 3]),  # a download cut off mid-file
-        _write(root, "sky/IMG_0101.JPG", b"<html><body>403 Forbidden</body></html>\n"),  # a web error page saved as a photo
+        # a web error page saved as a photo
+        _write(root, "sky/IMG_0101.JPG", b"<html><body>403 Forbidden</body></html>\n"),
         _write(root, "temple/thumb.webp", random.Random(3).randbytes(200)),  # garbage
         _write(root, "sky/bad.tif", b"II*\x00" + random.Random(4).randbytes(60)),  # a TIFF header and nothing sensible
     ])

@@ -212,7 +212,9 @@ def test_reliability_and_lr_find_pngs(tmp_path):
     t = fit_temperature(logits, labels)
     meta = _assert_png(plot_reliability(softmax(logits), labels, tmp_path / "rel.png"))
     assert "ECE" in meta["Title"]
-    meta = _assert_png(plot_reliability(softmax(logits, t), labels, tmp_path / "rel2.png", temperature=t, logits=logits))
+    meta = _assert_png(
+        plot_reliability(softmax(logits, t), labels, tmp_path / "rel2.png", temperature=t, logits=logits)
+    )
     assert "temperature scaling" in meta["Title"]
 
     lrs = list(np.logspace(-6, 0, 60))

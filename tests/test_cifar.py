@@ -247,7 +247,8 @@ def test_cifar_net_finetune_evaluate_predict_export(cli, tmp_path):
     folder = make_class_folder(tmp_path / "data", per_class=6, size=8)
     run = tmp_path / "run"
     res = cli("finetune", folder, "--arch", "resnet20", "--shortcut", "b", "--weights", "none", "--img-size", "8",
-              "--epochs", "1", "--batch-size", "8", "--workers", "0", "--augment", "none", "--output", run, "--format", "json")
+              "--epochs", "1", "--batch-size", "8", "--workers", "0", "--augment", "none", "--output", run,
+              "--format", "json")
     assert res.code == 0, res.err
     ckpt = load_checkpoint(run / "best.pt")
     assert ckpt["arch"] == "resnet20" and ckpt["arch_kwargs"] == {"shortcut": "B"} and ckpt["img_size"] == 8
@@ -301,7 +302,8 @@ def test_unknown_cifar_arch_and_bad_shortcut_are_usage_errors(cli, tmp_path):
     for args, message in (
         (("--arch", "plain21"), "6n+2"),
         (("--arch", "resnet20", "--shortcut", "D"), "--shortcut 'D'"),
-        (("--arch", "resnet18", "--shortcut", "A"), "only for CIFAR-style nets"),  # torchvision's nets have no such option
+        # torchvision's nets have no such option
+        (("--arch", "resnet18", "--shortcut", "A"), "only for CIFAR-style nets"),
         (("--depth", "56"), "--depth 56"),  # --depth keeps meaning torchvision's resnetN; resnet56 needs --arch
     ):
         res = cli("finetune", folder, *args, "--weights", "none", "--img-size", "8", "--epochs", "1", "--workers", "0",

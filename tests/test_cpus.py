@@ -27,7 +27,9 @@ def test_a_quiet_machine_keeps_torchs_defaults():
     assert plan_threads(cpus=2, busy=None).threads is None  # no /proc/stat: nothing to go on, nothing changed
 
 
-@pytest.mark.parametrize(("cpus", "busy", "threads"), [(2, 1.0, 1), (2, 1.9, 1), (2, 4.0, 1), (16, 3.6, 12), (4, 0.6, 3)])
+@pytest.mark.parametrize(
+    ("cpus", "busy", "threads"), [(2, 1.0, 1), (2, 1.9, 1), (2, 4.0, 1), (16, 3.6, 12), (4, 0.6, 3)]
+)
 def test_a_busy_machine_gets_a_thread_per_free_core_waiting_passively(cpus, busy, threads):
     plan = plan_threads(cpus=cpus, busy=busy)
     assert plan.threads == threads and plan.passive
@@ -56,7 +58,9 @@ def test_adapt_sets_openmp_before_torch_loads_unless_the_user_chose(competitor):
 
 def test_predict_says_how_it_adapted_to_the_load(competitor, trained_run, class_folder):
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
-    out = subprocess.run([sys.executable, "-m", "rescli", "predict", str(class_folder / "red"), "--model", str(trained_run)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "rescli", "predict", str(class_folder / "red"), "--model", str(trained_run)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert "CPUs busy with other work" in out.stderr and "thread(s), waiting passively" in out.stderr

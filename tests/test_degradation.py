@@ -54,7 +54,8 @@ def deg_run(tmp_path_factory):
         mp.setenv("RESCLI_CACHE_DIR", str(root / "cache"))
         mp.setattr(degradation_module, "create_model", recording_create)  # the gradient-norm models
         mp.setattr(loop_module, "create_model", recording_create)  # the trained ones
-        res = run_cli("degradation", folder, "--depths", "20,8", "--epochs", "2", *SMALL, "--output", root / "out", "--format", "json")
+        res = run_cli("degradation", folder, "--depths", "20,8", "--epochs", "2", *SMALL,
+                      "--output", root / "out", "--format", "json")
     assert res.code == 0, res.err
     return {"root": root, "data": folder, "out": root / "out", "res": res, "created": created}
 
@@ -76,7 +77,8 @@ def test_json_on_stdout_matches_file_and_has_every_model(deg_run):
         assert m["final_train_error"] == m["train_error"][-1] and m["final_val_error"] == m["val_error"][-1]
         assert m["best_val_error"] == min(m["val_error"])
         assert set(m["grad_norms"]) == set(STAGES) and all(v > 0 for v in m["grad_norms"].values())
-        assert m["params"] == sum(p.numel() for p in cifar_resnet(m["depth"], 3, residual=m["kind"] == "resnet").parameters())
+        net = cifar_resnet(m["depth"], 3, residual=m["kind"] == "resnet")
+        assert m["params"] == sum(p.numel() for p in net.parameters())
         run = deg_run["out"] / m["arch"]
         assert (run / "best.pt").is_file() and (run / "last.pt").is_file() and (run / "history.csv").is_file()
         assert m["checkpoint"] == str(run / "last.pt")
@@ -88,7 +90,8 @@ def test_json_on_stdout_matches_file_and_has_every_model(deg_run):
     assert on_disk["recipe"]["runtime"].split()[1] == select_runtime().precision
     assert set(on_disk["summary"]) == {"plain", "resnet"}
     plain8, plain20 = on_disk["models"][0], on_disk["models"][2]
-    assert on_disk["summary"]["plain"]["train_error_change"] == pytest.approx(plain20["final_train_error"] - plain8["final_train_error"])
+    expected_change = plain20["final_train_error"] - plain8["final_train_error"]
+    assert on_disk["summary"]["plain"]["train_error_change"] == pytest.approx(expected_change)
 
 
 def test_stderr_has_progress_and_stdout_only_results(deg_run):
@@ -154,7 +157,8 @@ def test_gradient_norms_come_from_the_model_that_is_trained(deg_run):
 
 
 def test_table_output_and_existing_output_refused(deg_run, cli, tmp_path):
-    res = cli("degradation", deg_run["data"], "--depths", "8", "--epochs", "1", *SMALL, "--shortcut", "b", "--output", tmp_path / "o")
+    res = cli("degradation", deg_run["data"], "--depths", "8", "--epochs", "1", *SMALL, "--shortcut", "b",
+              "--output", tmp_path / "o")
     assert res.code == 0, res.err
     assert "plain-8" in res.out and "ResNet-8" in res.out and "train error" in res.out and "layer1" in res.out
     result = json.loads((tmp_path / "o" / "degradation.json").read_text())
@@ -205,7 +209,9 @@ def test_help_has_examples(cli):
     assert res.code == 0 and "rescli degradation ./images --depths 20,56" in res.out
 
 
-@pytest.mark.parametrize("spec, expected", [("20,56", [20, 56]), ("56, 20,20", [20, 56]), ("8", [8]), ([110, 32], [32, 110])])
+@pytest.mark.parametrize(
+    "spec, expected", [("20,56", [20, 56]), ("56, 20,20", [20, 56]), ("8", [8]), ([110, 32], [32, 110])]
+)
 def test_parse_depths(spec, expected):
     assert parse_depths(spec) == expected
 

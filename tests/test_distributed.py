@@ -30,7 +30,8 @@ from rescli.train.launch import strip_launch_option
 from rescli.train.loop import finetune
 from rescli.train.settings import TrainSettings
 
-TINY = ["--arch", "resnet20", "--weights", "none", "--img-size", "16", "--workers", "0", "--precision", "fp32", "--augment", "none"]
+TINY = ["--arch", "resnet20", "--weights", "none", "--img-size", "16", "--workers", "0", "--precision", "fp32",
+        "--augment", "none"]
 TRAIN, VAL = {"red": 9, "green": 9, "blue": 9}, {"red": 3, "green": 2, "blue": 2}
 N_TRAIN, N_VAL = 27, 7
 
@@ -136,7 +137,8 @@ def test_gather_by_index_all_reduce_and_errors_in_a_real_gloo_group(tmp_path):
 
     outs = [tmp_path / f"rank{r}.json" for r in range(2)]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=dist_worker.collectives, args=(r, str(tmp_path / "store"), str(outs[r]))) for r in range(2)]
+    procs = [ctx.Process(target=dist_worker.collectives, args=(r, str(tmp_path / "store"), str(outs[r])))
+             for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -170,8 +172,8 @@ def test_torchrun_full_run_writes_one_set_of_files_and_counts_each_val_image_onc
 
     # The sharded, gathered validation is exactly a single-process evaluation of the saved best.pt (rank 0's
     # weights and BatchNorm statistics, which every process used).
-    ref_metrics, ref_ev, _ = evaluate_folder(model=run_dir / "best.pt", data_dir=odd_data, split="val", write_files=False,
-                                             workers=0, device="cpu", precision="fp32")
+    ref_metrics, ref_ev, _ = evaluate_folder(model=run_dir / "best.pt", data_dir=odd_data, split="val",
+                                             write_files=False, workers=0, device="cpu", precision="fp32")
     assert ref_metrics["n"] == N_VAL and metrics["accuracy"] == ref_metrics["accuracy"]
     assert math.isclose(metrics["loss"], ref_metrics["loss"], rel_tol=1e-4)
     best = int(metrics["best_epoch"])
@@ -196,8 +198,8 @@ def test_nproc_matches_a_single_process_run_and_a_single_process_resumes_it(cli,
     # Head only (BatchNorm frozen), image loader path, --batch-size 2: one image per process per step, and in the
     # last step one process has none. The loss is scaled so the 2-process gradient is the global-batch gradient.
     args = [odd_data, *TINY, "--strategy", "head", "--no-cache-features", "--epochs", "1", "--batch-size", "2"]
-    res = run([sys.executable, "-m", "rescli", "finetune", *map(str, args), "--output", tmp_path / "dist", "--nproc", "2",
-               "--format", "json"], tmp_path)
+    res = run([sys.executable, "-m", "rescli", "finetune", *map(str, args), "--output", tmp_path / "dist",
+               "--nproc", "2", "--format", "json"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["run_dir"] == str(tmp_path / "dist")
     assert_every_val_image_once(tmp_path / "dist", odd_data)
@@ -216,7 +218,8 @@ def test_nproc_matches_a_single_process_run_and_a_single_process_resumes_it(cli,
     assert max_weight_diff(tmp_path / "dist" / "last.pt", tmp_path / "single" / "last.pt") < 1e-5
 
     # Errors raised in the processes keep their exit status through the launcher (torchrun itself says 1).
-    again = run([sys.executable, "-m", "rescli", "finetune", *map(str, args), "--output", tmp_path / "dist", "--nproc", "2"], tmp_path)
+    again = run([sys.executable, "-m", "rescli", "finetune", *map(str, args), "--output", tmp_path / "dist",
+                 "--nproc", "2"], tmp_path)
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert again.stderr.count("already holds a run") == 1  # rank 0 says it; rank 1 stays quiet
 

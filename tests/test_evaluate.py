@@ -153,8 +153,8 @@ def test_temperature_scaling_lowers_ece_and_predict_applies_it(digits_run, cli):
     listing.write_text("".join(r["path"] + "\n" for r in rows))
     got = {}
     for mode in ("calibrated", "raw"):
-        res = cli("predict", f"@{listing}", "--model", run / "best.pt", "--format", "jsonl", "--workers", "0", "--precision", "fp32",
-                  *(["--raw-scores"] if mode == "raw" else []))
+        res = cli("predict", f"@{listing}", "--model", run / "best.pt", "--format", "jsonl", "--workers", "0",
+                  "--precision", "fp32", *(["--raw-scores"] if mode == "raw" else []))
         assert res.code == 0, res.err
         got[mode] = {d["path"]: d for d in map(json.loads, res.out.splitlines())}
     truth = {r["path"]: r["true"] for r in rows}
@@ -177,8 +177,9 @@ def test_threshold_routes_low_confidence_to_unknown(digits_run, cli):
     rows = _read_csv(digits_run / "predictions.csv")
     scores = sorted(float(r["score"]) for r in rows)
     threshold = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2  # between two scores: no ties
-    res = cli("predict", *[r["path"] for r in rows], "--model", digits_run / "best.pt", "--threshold", f"{threshold:.6f}",
-              "--top-k", "2", "--format", "jsonl", "--workers", "0", "--precision", "fp32")
+    res = cli("predict", *[r["path"] for r in rows], "--model", digits_run / "best.pt",
+              "--threshold", f"{threshold:.6f}", "--top-k", "2", "--format", "jsonl", "--workers", "0",
+              "--precision", "fp32")
     assert res.code == 0, res.err
     out = [json.loads(line) for line in res.out.splitlines()]
     assert len(out) == len(rows)
@@ -205,7 +206,8 @@ def test_evaluate_writes_next_to_the_model_never_into_the_data(digits_run, cli, 
     rows = _read_csv(out_dir / "predictions.csv")
     assert metrics["n"] == len(rows) == 300  # --split all on the training folder: every image
     classes = metrics["labels"]
-    assert metrics["confusion_matrix"] == _confusion(rows, classes) == json.loads(_png_text(out_dir / "confusion_matrix.png")["Counts"])
+    plotted = json.loads(_png_text(out_dir / "confusion_matrix.png")["Counts"])
+    assert metrics["confusion_matrix"] == _confusion(rows, classes) == plotted
     stored = torch.load(digits_run / "best.pt", weights_only=True)["temperature"]
     assert metrics["temperature"] == pytest.approx(stored) and stored != 1.0
     assert metrics["evaluated"]["model"] == str((digits_run / "best.pt").resolve())
@@ -216,16 +218,18 @@ def test_evaluate_writes_next_to_the_model_never_into_the_data(digits_run, cli, 
         assert name in res.out
 
     # --raw-scores: no temperature; --output elsewhere; --no-files writes nothing; never inside the data folder.
-    res = cli("evaluate", digits_run / "best.pt", data, "--split", "all", "--workers", "0", "--precision", "fp32", "--raw-scores", "--output", tmp_path / "raw",
-              "--format", "json")
+    res = cli("evaluate", digits_run / "best.pt", data, "--split", "all", "--workers", "0", "--precision", "fp32",
+              "--raw-scores", "--output", tmp_path / "raw", "--format", "json")
     assert res.code == 0, res.err
     raw = json.loads(res.out)
     assert raw["temperature"] == 1.0 and raw["ece"] == pytest.approx(raw["ece_before_temperature"])
     assert raw["confusion_matrix"] == metrics["confusion_matrix"]  # argmax does not depend on T
     assert json.loads((tmp_path / "raw" / "metrics.json").read_text())["ece"] == pytest.approx(raw["ece"])
-    res = cli("evaluate", digits_run / "best.pt", data, "--workers", "0", "--precision", "fp32", "--no-files", "--output", tmp_path / "none")
+    res = cli("evaluate", digits_run / "best.pt", data, "--workers", "0", "--precision", "fp32", "--no-files",
+              "--output", tmp_path / "none")
     assert res.code == 0 and not (tmp_path / "none").exists()
-    res = cli("evaluate", digits_run / "best.pt", data, "--workers", "0", "--precision", "fp32", "--output", data / "seven" / "eval")
+    res = cli("evaluate", digits_run / "best.pt", data, "--workers", "0", "--precision", "fp32",
+              "--output", data / "seven" / "eval")
     assert res.code == 2 and "inside the data folder" in res.err
     assert not (data / "seven" / "eval").exists()
 
@@ -294,7 +298,8 @@ def test_write_evaluation_many_classes_and_no_mistakes(tmp_path):
 
     # All right: the NLL-optimal temperature is 0, so none is fitted.
     right = EvalResult(loss=0.1, accuracy=1.0, y_true=y[:30] % 3, y_pred=y[:30] % 3,
-                       logits=np.eye(3, dtype=np.float32)[y[:30] % 3] * 4, paths=[f"p{i}" for i in range(30)], failures=[])
+                       logits=np.eye(3, dtype=np.float32)[y[:30] % 3] * 4, paths=[f"p{i}" for i in range(30)],
+                       failures=[])
     m = write_evaluation(out_dir=tmp_path / "right", ev=right, classes=["a", "b", "c"], fit=True, report=False)
     assert m["temperature"] == 1.0 and "not fitted" in m["temperature_source"]
     assert m["most_confused"] == [] and m["top_losses"] == []
@@ -317,7 +322,8 @@ def test_write_evaluation_fixes_an_over_confident_model(tmp_path):
     assert m["temperature"] > 2.0
     assert m["ece"] < m["ece_before_temperature"] / 2
     rel = _png_text(tmp_path / "reliability.png")
-    assert float(rel["ECE before"]) == pytest.approx(m["ece_before_temperature"]) and float(rel["ECE"]) == pytest.approx(m["ece"])
+    assert float(rel["ECE before"]) == pytest.approx(m["ece_before_temperature"])
+    assert float(rel["ECE"]) == pytest.approx(m["ece"])
     rows = _read_csv(tmp_path / "predictions.csv")
     probs = torch.softmax(torch.from_numpy(logits).double() / m["temperature"], 1).numpy()
     np.testing.assert_allclose([float(r["score"]) for r in rows], probs.max(1), atol=1e-6)

@@ -1,4 +1,7 @@
-"""rescli export and info: self-describing TorchScript/ONNX files that predict like the checkpoint, with and without rescli."""
+"""rescli export and info: self-describing TorchScript/ONNX files.
+
+They predict like the checkpoint, with and without rescli.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,10 @@ ort = pytest.importorskip("onnxruntime")
 
 @pytest.fixture(scope="module")
 def exports(trained_run, tmp_path_factory):
-    """The tiny run exported once to each format: TorchScript as a user would (default name, table output), ONNX as json."""
+    """The tiny run exported once to each format.
+
+    TorchScript as a user would (default name, table output), ONNX as json.
+    """
     out = tmp_path_factory.mktemp("exports")
     ckpt = out / "model.pt"
     ckpt.write_bytes((trained_run / "best.pt").read_bytes())
@@ -84,7 +90,8 @@ def test_export_errors(cli, exports, trained_run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if the optional extra were not installed
     res = cli("export", trained_run, "--format", "onnx", "-o", tmp_path / "m.onnx")
     assert res.code == 1 and not (tmp_path / "m.onnx").exists() and "Traceback" not in res.err
-    assert res.err.strip() == "error: ONNX export needs the onnx package: pip install 'rescli[onnx]' (or pip install onnx onnxruntime)"
+    assert res.err.strip() == ("error: ONNX export needs the onnx package: pip install 'rescli[onnx]'"
+                               " (or pip install onnx onnxruntime)")
 
 
 # --- predicting with exports -----------------------------------------------------------------------------------------
@@ -94,7 +101,8 @@ def test_exports_predict_the_same_labels_as_the_checkpoint(cli, exports, trained
     runs = {}
     for name, model in (("checkpoint", trained_run / "best.pt"), ("torchscript", exports["torchscript"]["output"]),
                         ("onnx", exports["onnx"]["output"])):
-        res = cli("predict", folder, "--model", model, "--precision", "fp32", "-f", "jsonl", "-k", "3", "--workers", "1")
+        res = cli("predict", folder, "--model", model, "--precision", "fp32", "-f", "jsonl", "-k", "3",
+                  "--workers", "1")
         assert res.code == 0, res.err
         assert f"({'--model'}; {name}, 3 classes)" in res.err
         runs[name] = jsonl(res.out)
@@ -126,7 +134,8 @@ for p in paths:
     img = img.resize((max(size, int(w * s)), max(size, int(h * s))), Image.BILINEAR)
     l, t = round((img.width - size) / 2), round((img.height - size) / 2)
     x = np.asarray(img.crop((l, t, l + size, t + size)), np.float32).transpose(2, 0, 1) / 255
-    batch.append((x - np.array(meta["mean"], np.float32)[:, None, None]) / np.array(meta["std"], np.float32)[:, None, None])
+    batch.append((x - np.array(meta["mean"], np.float32)[:, None, None])
+                 / np.array(meta["std"], np.float32)[:, None, None])
 with torch.no_grad():
     probs = torch.softmax(model(torch.from_numpy(np.stack(batch))) / meta["temperature"], 1)
 for p, row in zip(paths, probs):
@@ -138,7 +147,8 @@ for p, row in zip(paths, probs):
     ref = jsonl(cli("predict", folder, "--model", trained_run / "best.pt", "--precision", "fp32", "-f", "jsonl").out)
     assert len(plain) == len(ref) == 36
     for r in ref:
-        assert plain[r["path"]]["label"] == r["label"] and plain[r["path"]]["score"] == pytest.approx(r["score"], abs=1e-4)
+        assert plain[r["path"]]["label"] == r["label"]
+        assert plain[r["path"]]["score"] == pytest.approx(r["score"], abs=1e-4)
 
 
 def test_onnx_example_script_needs_only_onnxruntime_numpy_pillow(exports, trained_run, cli, tmp_path):
@@ -147,7 +157,8 @@ def test_onnx_example_script_needs_only_onnxruntime_numpy_pillow(exports, traine
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     code = blocked_imports_prelude("rescli", "torch", "torchvision") + (
         "import runpy\n"
-        f"sys.argv = ['predict_onnx.py', {exports['onnx']['output']!r}, {str(folder)!r}, {str(broken)!r}, '--top-k', '2', '--batch-size', '7']\n"
+        f"sys.argv = ['predict_onnx.py', {exports['onnx']['output']!r}, {str(folder)!r}, {str(broken)!r},"
+        " '--top-k', '2', '--batch-size', '7']\n"
         f"runpy.run_path({str(REPO / 'examples' / 'predict_onnx.py')!r}, run_name='__main__')\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -180,7 +191,8 @@ def test_corrupt_exports_give_one_line_errors(cli, tmp_path, suffix):
 # --- info ------------------------------------------------------------------------------------------------------------
 
 def test_info_on_checkpoint_and_exports(cli, exports, trained_run):
-    models = {"checkpoint": trained_run / "best.pt", "torchscript": exports["torchscript"]["output"], "onnx": exports["onnx"]["output"]}
+    models = {"checkpoint": trained_run / "best.pt", "torchscript": exports["torchscript"]["output"],
+              "onnx": exports["onnx"]["output"]}
     temperatures = set()
     for kind, path in models.items():
         res = cli("info", path, "--format", "json")

@@ -255,7 +255,10 @@ def big_jpeg(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("draft, size", [(300, (400, 300)), (100, (200, 150)), (550, (800, 600)), (700, (1600, 1200)), (1300, (1600, 1200))])
+@pytest.mark.parametrize(
+    "draft, size",
+    [(300, (400, 300)), (100, (200, 150)), (550, (800, 600)), (700, (1600, 1200)), (1300, (1600, 1200))],
+)
 def test_draft_decodes_smaller_but_never_below_draft_size(big_jpeg, draft, size):
     img = load_rgb(big_jpeg, draft_size=draft)
     assert img.size == size and min(img.size) >= min(draft, 1200)

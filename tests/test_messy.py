@@ -365,7 +365,8 @@ def test_balance_weights_the_loss_and_lifts_minority_recall(tmp_path, cli, monke
     for flag in ([], ["--balance"]):
         seen.clear()
         out = tmp_path / ("balanced" if flag else "plain")
-        res = cli("finetune", root, *FAST, "--epochs", "2", "--seed", "0", "--label-smoothing", "0", *flag, "--output", out)
+        res = cli("finetune", root, *FAST, "--epochs", "2", "--seed", "0", "--label-smoothing", "0", *flag,
+                  "--output", out)
         assert res.code == 0, res.err
         per_class = json.loads((out / "metrics.json").read_text())["per_class"]
         recall[bool(flag)] = per_class["rare"]["recall"]

@@ -196,7 +196,8 @@ def test_resolve_strategy_defaults():
     assert resolve_strategy("auto", pretrained=True, epochs=5, freeze_epochs=1) == ("gradual", 1)
     assert resolve_strategy("auto", pretrained=False, epochs=5, freeze_epochs=1) == ("full", 0)
     assert resolve_strategy("head", pretrained=False, epochs=4, freeze_epochs=1) == ("head", 4)
-    assert resolve_strategy("gradual", pretrained=True, epochs=3, freeze_epochs=5) == ("gradual", 2)  # leaves one to unfreeze
+    # leaves one to unfreeze
+    assert resolve_strategy("gradual", pretrained=True, epochs=3, freeze_epochs=5) == ("gradual", 2)
     with pytest.raises(UsageError):
         resolve_strategy("partial", pretrained=True, epochs=3, freeze_epochs=1)
 

@@ -76,7 +76,8 @@ def test_files_and_folders_recursive_in_order(cli, model, images):
 def test_quoted_glob_is_expanded_by_rescli(cli, model, images):
     res = predict(cli, model, str(images / "**" / "*.png"), "-f", "jsonl")
     assert res.code == 0, res.err
-    assert [r["path"] for r in jsonl(res.out)] == [str(images / "a" / "b" / "img_000.png"), str(images / "a" / "img_000.png")]  # sorted
+    sorted_paths = [str(images / "a" / "b" / "img_000.png"), str(images / "a" / "img_000.png")]
+    assert [r["path"] for r in jsonl(res.out)] == sorted_paths
 
 
 def test_paths_on_stdin_newline_separated(cli, model, images):
@@ -133,7 +134,8 @@ def test_top_k(cli, model, images):
     rows = jsonl(predict(cli, model, str(images), "-f", "jsonl", "-k", "2").out)
     for r in rows:
         assert [t["label"] for t in r["topk"]][0] == r["label"] and len(r["topk"]) == 2
-        assert r["topk"][0]["score"] >= r["topk"][1]["score"] and r["topk"][0]["score"] + r["topk"][1]["score"] <= 1.0 + 1e-6
+        first, second = r["topk"][0]["score"], r["topk"][1]["score"]
+        assert first >= second and first + second <= 1.0 + 1e-6
     rows = jsonl(predict(cli, model, str(images), "-f", "jsonl", "-k", "10").out)
     assert all(len(r["topk"]) == 3 for r in rows)  # capped at the number of classes
     assert all(sum(t["score"] for t in r["topk"]) == pytest.approx(1.0, abs=1e-4) for r in rows)
@@ -179,7 +181,8 @@ def test_bad_inputs_become_error_rows_and_exit_1(cli, model, images, tmp_path):
     text.write_text("hello")
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
-    inputs = [str(tmp_path / "missing.png"), str(broken), good, str(text), str(tmp_path / "nomatch*.png"), str(empty_dir)]
+    inputs = [str(tmp_path / "missing.png"), str(broken), good, str(text), str(tmp_path / "nomatch*.png"),
+              str(empty_dir)]
     res = predict(cli, model, *inputs, "-f", "jsonl")
     assert res.code == 1
     rows = jsonl(res.out)
@@ -243,7 +246,10 @@ class Payload:
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace/save are deprecated upstream
-@pytest.mark.parametrize("kind", ["missing", "random bytes", "truncated", "foreign state_dict", "pickled object", "torchscript without metadata"])
+@pytest.mark.parametrize(
+    "kind",
+    ["missing", "random bytes", "truncated", "foreign state_dict", "pickled object", "torchscript without metadata"],
+)
 def test_bad_model_files_give_one_line_errors(cli, model, images, tmp_path, kind):
     path = tmp_path / "model.pt"
     if kind == "random bytes":
@@ -262,7 +268,8 @@ def test_bad_model_files_give_one_line_errors(cli, model, images, tmp_path, kind
     lines = [ln for ln in res.err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and str(path) in lines[0], res.err
     expected = {
-        "missing": "no such model file", "random bytes": "not a readable rescli checkpoint", "truncated": "not a readable rescli checkpoint",
+        "missing": "no such model file", "random bytes": "not a readable rescli checkpoint",
+        "truncated": "not a readable rescli checkpoint",
         "foreign state_dict": "not a rescli checkpoint", "pickled object": "not a readable rescli checkpoint",
         "torchscript without metadata": "not a rescli export",
     }[kind]
@@ -275,7 +282,8 @@ def test_onnx_model_without_onnxruntime_gives_install_hint(cli, images, tmp_path
     fake.write_bytes(b"\x08\x07\x12\x07pytorch")
     res = cli("predict", str(images), "--model", str(fake))
     assert res.code == 1 and res.out == ""
-    assert res.err.strip().splitlines()[-1] == "error: predicting with an .onnx model needs onnxruntime: pip install 'rescli[onnx]'"
+    hint = "error: predicting with an .onnx model needs onnxruntime: pip install 'rescli[onnx]'"
+    assert res.err.strip().splitlines()[-1] == hint
 
 
 # --- stderr: quiet, progress --------------------------------------------------------------------------------------
@@ -315,7 +323,10 @@ def test_in_flight_images_are_bounded(monkeypatch):
     """However many paths come in, only about lookahead + one batch of them are taken (and decoded) at a time."""
     from rescli.inference.stream import predict_batches
 
-    monkeypatch.setattr(inputs_module, "load_rgb", lambda path, draft_size=None: Image.new("RGB", (8, 8), (int(path[4:]) % 256, 0, 0)))
+    def numbered_image(path, draft_size=None):
+        return Image.new("RGB", (8, 8), (int(path[4:]) % 256, 0, 0))
+
+    monkeypatch.setattr(inputs_module, "load_rgb", numbered_image)
     consumed = 0
 
     def paths():
@@ -355,7 +366,8 @@ def test_results_stream_while_stdin_is_still_open(model, images, tmp_path):
     good = expected_walk(images)
     proc = subprocess.Popen(
         [sys.executable, "-m", "rescli", "predict", "-", "--model", model, "--precision", "fp32", "-f", "jsonl", "-q"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=tmp_path,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+        cwd=tmp_path,
     )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
@@ -378,9 +390,11 @@ def test_results_stream_while_stdin_is_still_open(model, images, tmp_path):
 def test_head_ends_the_pipeline_cleanly(model, images, tmp_path):
     many = tmp_path / "many.txt"
     many.write_text("\n".join(expected_walk(images) * 1000) + "\n")  # 3,000 paths
-    script = (f"'{sys.executable}' -m rescli predict @'{many}' --model '{model}' --precision fp32 -f jsonl 2>'{tmp_path / 'err'}'"
+    script = (f"'{sys.executable}' -m rescli predict @'{many}' --model '{model}' --precision fp32 -f jsonl"
+              f" 2>'{tmp_path / 'err'}'"
               " | head -3; echo \"status=${PIPESTATUS[0]}\"")
-    res = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=300)
+    res = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path,
+                         timeout=300)
     out = res.stdout.splitlines()
     assert len(out) == 4 and all(json.loads(line)["path"] for line in out[:3])
     assert out[3] in ("status=141", "status=0")
@@ -398,7 +412,8 @@ def test_shell_completion(cli, tmp_path):
     assert "--install-completion" in cli("--help").out
     script = subprocess.run([str(exe), "--show-completion", "bash"], capture_output=True, text=True, timeout=60)
     assert script.returncode == 0 and "complete -o default -F _rescli_completion rescli" in script.stdout
-    env = {**os.environ, "_RESCLI_COMPLETE": "complete_bash", "COMP_WORDS": "rescli predict --format ", "COMP_CWORD": "3"}
+    env = {**os.environ, "_RESCLI_COMPLETE": "complete_bash", "COMP_WORDS": "rescli predict --format ",
+           "COMP_CWORD": "3"}
     res = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=60)
     assert res.stdout.split() == ["table", "jsonl", "json", "csv", "tsv"]
     env.update(COMP_WORDS="rescli ex", COMP_CWORD="1")

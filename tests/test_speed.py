@@ -128,7 +128,8 @@ def test_cli_loads_without_torch_so_predict_can_set_openmp_first():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "PASSIVE"
-    chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
     assert chosen.stdout.strip() == "ACTIVE"  # the user's own setting wins
 
 
@@ -192,17 +193,25 @@ def test_predict_with_torchvision_jpeg_decoding_agrees_with_pillow(trained_run, 
 
     decoded_by_torchvision = []
     real = jpeg_module.center_square_tensor
-    monkeypatch.setattr(jpeg_module, "center_square_tensor", lambda img, size: decoded_by_torchvision.append(1) or real(img, size))
+
+    def counting_center_square_tensor(img, size):
+        decoded_by_torchvision.append(1)
+        return real(img, size)
+
+    monkeypatch.setattr(jpeg_module, "center_square_tensor", counting_center_square_tensor)
     rows = {}
     for decoder in ("pillow", "torchvision"):
-        res = cli("predict", inbox, "--model", trained_run, "--format", "jsonl", "--jpeg-decoder", decoder, "--precision", "fp32")
+        res = cli("predict", inbox, "--model", trained_run, "--format", "jsonl", "--jpeg-decoder", decoder,
+                  "--precision", "fp32")
         assert res.code == 1, res.err  # the truncated file is an error row either way
         rows[decoder] = {Path(r["path"]).name: r for r in map(json.loads, res.out.splitlines())}
         if decoder == "pillow":
             assert not decoded_by_torchvision
-    assert len(decoded_by_torchvision) == 7  # the seven plain JPEGs; the rotated one, the PNG and the cut one took Pillow's path
+    # the seven plain JPEGs; the rotated one, the PNG and the cut one took Pillow's path
+    assert len(decoded_by_torchvision) == 7
     assert rows["pillow"].keys() == rows["torchvision"].keys()
-    assert "error" in rows["torchvision"]["cut.jpg"] and rows["torchvision"]["cut.jpg"]["error"] == rows["pillow"]["cut.jpg"]["error"]
+    assert "error" in rows["torchvision"]["cut.jpg"]
+    assert rows["torchvision"]["cut.jpg"]["error"] == rows["pillow"]["cut.jpg"]["error"]
     for name, row in rows["pillow"].items():
         if name != "cut.jpg":
             assert rows["torchvision"][name]["label"] == row["label"], name
@@ -225,8 +234,8 @@ def test_bench_script_runs_every_phase_and_prints_the_ratios(tmp_path):
     phases = "model_train,model_infer,finetune,predict,predict_x4,baseline,finetune_busy,predict_busy"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, str(bench), "--img-size", "32", "--images", "24", "--batch", "4", "--steps", "1", "--warmup", "1",
-         "--repeat", "1", "--phases", phases, "--json"],
+        [sys.executable, str(bench), "--img-size", "32", "--images", "24", "--batch", "4", "--steps", "1",
+         "--warmup", "1", "--repeat", "1", "--phases", phases, "--json"],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert out.returncode == 0, out.stderr
@@ -257,7 +266,8 @@ def test_predict_compile_gives_the_eager_labels_and_pads_partial_batches(trained
         assert res.code == 0, res.err
         rows[bool(extra)] = [json.loads(line) for line in res.out.splitlines()]
     n = len(rows[False])
-    assert n % 8 and shapes and all(s[0] == 8 for s in shapes)  # the last, partial batch was padded: one shape, one compile
+    # the last, partial batch was padded: one shape, one compile
+    assert n % 8 and shapes and all(s[0] == 8 for s in shapes)
     assert len(shapes) == -(-n // 8)
     assert [r["label"] for r in rows[True]] == [r["label"] for r in rows[False]]
     assert max(abs(a["score"] - b["score"]) for a, b in zip(rows[True], rows[False])) < 1e-3
@@ -273,7 +283,8 @@ def test_predict_compile_falls_back_to_eager_when_compiling_fails(trained_run, c
     monkeypatch.setattr(torch, "compile", failing_compile)
     res = cli("predict", class_folder, "--model", trained_run, "--format", "jsonl", "--compile")
     assert res.code == 0, res.err
-    assert res.err.count("--compile: torch.compile failed (RuntimeError: no C++ compiler found); running the model uncompiled") == 1
+    warning = "--compile: torch.compile failed (RuntimeError: no C++ compiler found); running the model uncompiled"
+    assert res.err.count(warning) == 1
     assert all("label" in json.loads(line) for line in res.out.splitlines())
 
 
@@ -287,7 +298,8 @@ def test_compile_is_refused_for_exports(trained_run, tmp_path, cli):
 def test_evaluate_compile_gives_the_eager_metrics(trained_run, class_folder, cli):
     results = []
     for extra in ([], ["--compile"]):
-        res = cli("evaluate", trained_run, class_folder, "--format", "json", "--no-files", "--precision", "fp32", *extra)
+        res = cli("evaluate", trained_run, class_folder, "--format", "json", "--no-files", "--precision", "fp32",
+                  *extra)
         assert res.code == 0, res.err
         results.append(json.loads(res.out))
     assert results[0]["accuracy"] == results[1]["accuracy"]

@@ -97,7 +97,8 @@ def without_seconds(rows):
 
 def test_head_strategy_keeps_backbone_and_bn_statistics_bit_identical(data_dir, start_weights, tmp_path):
     # --augment light: real images through the whole net in train mode, so frozen BN statistics are tested.
-    finetune(settings=settings(data_dir, weights=str(start_weights), strategy="head", augment="light"), output=tmp_path / "run")
+    finetune(settings=settings(data_dir, weights=str(start_weights), strategy="head", augment="light"),
+             output=tmp_path / "run")
     start = torch.load(start_weights, weights_only=True)
     for name in ("best.pt", "last.pt"):
         ckpt = load_checkpoint(tmp_path / "run" / name)
@@ -110,7 +111,8 @@ def test_head_strategy_keeps_backbone_and_bn_statistics_bit_identical(data_dir, 
 
 
 def test_full_strategy_trains_every_tensor(data_dir, start_weights, tmp_path):
-    finetune(settings=settings(data_dir, weights=str(start_weights), strategy="full", epochs=1), output=tmp_path / "run")
+    finetune(settings=settings(data_dir, weights=str(start_weights), strategy="full", epochs=1),
+             output=tmp_path / "run")
     start = backbone(torch.load(start_weights, weights_only=True))
     trained = backbone(load_checkpoint(tmp_path / "run" / "last.pt")["model"])
     unchanged = [k for k in start if torch.equal(start[k], trained[k])]
@@ -118,18 +120,22 @@ def test_full_strategy_trains_every_tensor(data_dir, start_weights, tmp_path):
     assert int(trained["bn1.num_batches_tracked"]) == 100 + STEPS_PER_EPOCH
 
 
-def test_gradual_freezes_backbone_first_then_trains_it_with_lower_lrs_for_earlier_layers(data_dir, start_weights, tmp_path, monkeypatch):
+def test_gradual_freezes_backbone_first_then_trains_it_with_lower_lrs_for_earlier_layers(
+    data_dir, start_weights, tmp_path, monkeypatch
+):
     saved: list[tuple[str, dict]] = []
     real_save = finish_module.save_checkpoint
 
     def spy(ckpt, path):  # keep a copy of every checkpoint written
-        saved.append((Path(path).name, {"epoch": ckpt.get("epoch"), "model": dict(ckpt["model"]), "optimizer": ckpt.get("optimizer")}))
+        kept = {"epoch": ckpt.get("epoch"), "model": dict(ckpt["model"]), "optimizer": ckpt.get("optimizer")}
+        saved.append((Path(path).name, kept))
         return real_save(ckpt, path)
 
     monkeypatch.setattr(finish_module, "save_checkpoint", spy)
     monkeypatch.setattr(run_folder_module, "save_checkpoint", spy)
     lr = 2e-3
-    finetune(settings=settings(data_dir, weights=str(start_weights), strategy="gradual", freeze_epochs=1, lr=lr), output=tmp_path / "run")
+    finetune(settings=settings(data_dir, weights=str(start_weights), strategy="gradual", freeze_epochs=1, lr=lr),
+             output=tmp_path / "run")
     start = torch.load(start_weights, weights_only=True)
     last = {c["epoch"]: c for name, c in saved if name == "last.pt"}
 
@@ -161,8 +167,9 @@ def test_transfer_from_an_earlier_run_to_new_classes_reuses_backbone_bit_for_bit
     new = tmp_path / "new"
     write_color_images(new / "cyan", (30, 200, 210), 5, size=16, seed=7)
     write_color_images(new / "magenta", (210, 30, 200), 5, size=16, seed=8)
-    res = cli("finetune", new, "--weights", source / "best.pt", "--arch", "resnet20", "--strategy", "head", "--augment", "none",
-              "--img-size", "16", "--epochs", "2", "-b", "4", "--workers", "0", "-o", tmp_path / "target", "--format", "json")
+    res = cli("finetune", new, "--weights", source / "best.pt", "--arch", "resnet20", "--strategy", "head",
+              "--augment", "none", "--img-size", "16", "--epochs", "2", "-b", "4", "--workers", "0",
+              "-o", tmp_path / "target", "--format", "json")
     assert res.code == 0, res.err
     assert "caching backbone features" in res.err
     src, dst = load_checkpoint(source / "best.pt"), load_checkpoint(tmp_path / "target" / "best.pt")
@@ -228,7 +235,8 @@ def test_head_on_cached_features_matches_training_through_the_backbone(data_dir,
     direct = finetune(settings=settings(data_dir, cache_features=False, **kw), output=tmp_path / "direct")
     assert "feature_cache" in json.loads((tmp_path / "cached" / "run.json").read_text())
     assert "feature_cache" not in json.loads((tmp_path / "direct" / "run.json").read_text())
-    a, b = load_checkpoint(tmp_path / "cached" / "best.pt")["model"], load_checkpoint(tmp_path / "direct" / "best.pt")["model"]
+    a = load_checkpoint(tmp_path / "cached" / "best.pt")["model"]
+    b = load_checkpoint(tmp_path / "direct" / "best.pt")["model"]
     assert_same_tensors(backbone(a), backbone(b))
     torch.testing.assert_close(a["fc.weight"], b["fc.weight"], rtol=1e-3, atol=1e-5)
     assert not torch.equal(a["fc.weight"], initial_head(0, 3)["fc.weight"])
@@ -274,7 +282,8 @@ def test_mixup_and_cutmix_train_and_are_stored(cli, data_dir, tmp_path):
 
 def test_valley_suggestion_sits_where_the_loss_falls():
     lrs = list(np.logspace(-6, 0, 60))
-    losses = [2.0 if lr < 1e-4 else 2.0 - 1.5 * (math.log10(lr) + 4) / 3 if lr < 1e-1 else 0.5 + 20 * (lr - 0.1) for lr in lrs]
+    losses = [2.0 if lr < 1e-4 else 2.0 - 1.5 * (math.log10(lr) + 4) / 3 if lr < 1e-1 else 0.5 + 20 * (lr - 0.1)
+              for lr in lrs]
     s, minimum, steepest = suggest(lrs, losses)
     assert 1e-4 < s < 1e-1  # inside the falling stretch, before the minimum
     assert minimum == pytest.approx(lrs[int(np.argmin(losses))] / 10)
@@ -325,7 +334,8 @@ def straight_run(data_dir, tmp_path_factory) -> Path:
 def test_same_seed_same_metrics_and_weights(straight_run, data_dir, tmp_path):
     again = finetune(settings=settings(data_dir, **STRAIGHT), output=tmp_path / "again")
     assert without_seconds(history_rows(straight_run)) == without_seconds(history_rows(tmp_path / "again"))
-    assert_same_tensors(load_checkpoint(straight_run / "best.pt")["model"], load_checkpoint(tmp_path / "again" / "best.pt")["model"])
+    assert_same_tensors(load_checkpoint(straight_run / "best.pt")["model"],
+                        load_checkpoint(tmp_path / "again" / "best.pt")["model"])
     assert again["metrics"]["accuracy"] == json.loads((straight_run / "metrics.json").read_text())["accuracy"]
     other = finetune(settings=settings(data_dir, **STRAIGHT, seed=1), output=tmp_path / "other")
     assert without_seconds(other["history"]) != without_seconds(again["history"])
@@ -348,7 +358,8 @@ def test_interrupt_and_resume_give_the_same_run_as_training_straight(straight_ru
     assert without_seconds(history_rows(run)) == without_seconds(history_rows(straight_run))
     for name in ("best.pt", "last.pt"):
         assert_same_tensors(load_checkpoint(run / name)["model"], load_checkpoint(straight_run / name)["model"])
-    a, b = load_checkpoint(run / "last.pt")["optimizer"]["state"], load_checkpoint(straight_run / "last.pt")["optimizer"]["state"]
+    a = load_checkpoint(run / "last.pt")["optimizer"]["state"]
+    b = load_checkpoint(straight_run / "last.pt")["optimizer"]["state"]
     assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
 
 
@@ -413,7 +424,8 @@ def test_patience_stops_early(data_dir, start_weights, tmp_path):
     # An LR too small to move fp32 weights: validation never improves after epoch 1.
     out = finetune(settings=settings(data_dir, weights=str(start_weights), strategy="head", augment="none", lr=1e-12,
                                      epochs=6, patience=2, precision="fp32"), output=tmp_path / "run")
-    assert out["metrics"]["stopped_early"] is True and out["metrics"]["epochs_run"] == 3 and out["metrics"]["best_epoch"] == 1
+    metrics = out["metrics"]
+    assert metrics["stopped_early"] is True and metrics["epochs_run"] == 3 and metrics["best_epoch"] == 1
 
 
 # --- NaN stop, atomic writes -----------------------------------------------------------------------------------

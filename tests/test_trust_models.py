@@ -376,4 +376,5 @@ def test_onnx_example_script_refuses_bad_metadata(tmp_path):
 def test_help_says_a_torchscript_file_is_a_program(cli, command):
     res = cli(command, "--help")
     text = " ".join(res.out.replace("│", " ").split())  # rich wraps and boxes the help: compare the words
-    assert res.code == 0 and "is a program" in text and ("use only your own" in text or "you made yourself" in text), text
+    names_the_risk = "is a program" in text and ("use only your own" in text or "you made yourself" in text)
+    assert res.code == 0 and names_the_risk, text

@@ -67,7 +67,8 @@ def test_evaluate_on_the_training_folder_scores_the_held_out_split(run_on_data, 
     assert sorted(r["path"] for r in predictions(run.parent / "ev")) == held_out
 
     for split, n in (("train", 15), ("all", 18)):
-        res = cli("evaluate", run / "best.pt", data, "--split", split, "--format", "json", "--no-files", "--workers", "0")
+        res = cli("evaluate", run / "best.pt", data, "--split", split, "--format", "json", "--no-files",
+                  "--workers", "0")
         assert res.code == 0, res.err
         assert json.loads(res.out)["n"] == n and json.loads(res.out)["evaluated"]["split"] == split
     res = cli("evaluate", run / "best.pt", data, "--split", "test", "--no-files", "--workers", "0")
@@ -119,7 +120,8 @@ def test_resume_works_from_another_directory_and_names_ignored_flags(cli, tmp_pa
     train(Path("data"), tmp_path / "run", cwd=tmp_path / "work")  # data_dir typed as a relative path
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    res = cli("finetune", "--resume", tmp_path / "run", "--epochs", "2", "--lr", "0.5", "--batch-size", "8", cwd=elsewhere)
+    res = cli("finetune", "--resume", tmp_path / "run", "--epochs", "2", "--lr", "0.5", "--batch-size", "8",
+              cwd=elsewhere)
     assert res.code == 0, res.err
     ignored = next(line for line in res.err.splitlines() if "ignoring" in line)
     assert "--lr" in ignored and "--batch-size" in ignored and "--epochs" not in ignored.split("(")[0]
@@ -152,7 +154,8 @@ def test_resume_keeps_the_stored_split_when_images_are_added(cli, tmp_path):
     assert res.code == 0, res.err
     assert "10 image(s) added" in res.err and "left out" in res.err
     assert load_checkpoint(tmp_path / "run" / "last.pt")["data"]["splits"] == split
-    assert sorted(Path(r["path"]).relative_to(data).as_posix() for r in predictions(tmp_path / "run")) == sorted(split["val"]["paths"])
+    predicted = sorted(Path(r["path"]).relative_to(data).as_posix() for r in predictions(tmp_path / "run"))
+    assert predicted == sorted(split["val"]["paths"])
 
 
 # --- 6: a last batch of one image ---------------------------------------------------------------------------------
@@ -180,7 +183,8 @@ def test_an_interrupt_during_the_final_evaluation_is_resumable(tmp_path, monkeyp
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "write_evaluation", interrupted)
-    s = TrainSettings(data_dir=str(data), arch="resnet20", weights="none", img_size=16, batch_size=4, workers=0, epochs=1)
+    s = TrainSettings(data_dir=str(data), arch="resnet20", weights="none", img_size=16, batch_size=4, workers=0,
+                      epochs=1)
     try:
         finetune(settings=s, output=tmp_path / "run", show_progress=False)
     except Interrupted as exc:
@@ -225,7 +229,7 @@ def test_ctrl_c_outside_training_says_interrupted(cli, tmp_path, monkeypatch):
     assert res.code == 130 and res.err.strip() == "interrupted"
 
 
-# --- 8 and 15e: one writer per run folder; what a kill left behind is cleared -------------------------------------------
+# --- 8 and 15e: one writer per run folder; what a kill left behind is cleared -----------------------------------------
 
 def test_a_run_folder_in_use_is_refused_and_unrelated_folders_are_not_overwritten(cli, tmp_path):
     from rescli.train.run_folder import RunFolderLock
@@ -283,7 +287,7 @@ def test_markup_in_paths_and_class_names_is_shown_as_it_is(cli, tmp_path):
     assert "[bold]x" in res.out and ":smile:" in res.out
 
 
-# --- 13: I/O failures are one line with a meaningful status ------------------------------------------------------------
+# --- 13: I/O failures are one line with a meaningful status -----------------------------------------------------------
 
 def test_a_run_folder_that_cannot_be_made_is_one_line(cli, tmp_path):
     data = make_class_folder(tmp_path / "data", per_class=6, size=16)
