@@ -1,6 +1,6 @@
 """rescli speed benchmark: images/s and peak memory, with ratios against baselines from the same run.
 
-    python bench/bench.py                              # resnet18, 224 px, batch 32 (rescli's default), this machine's device
+    python bench/bench.py                    # resnet18, 224 px, batch 32 (rescli's default), this machine's device
     python bench/bench.py --depth 50 --images 256
     python bench/bench.py --data ./images              # your own JPEG folder instead of generated photos
 
@@ -83,7 +83,8 @@ def phase_model(args, *, train: bool) -> dict:
     rt = select_runtime(device=args.device, precision=args.precision)
     model = create_model(f"resnet{args.depth}", 1000).to(rt.device, memory_format=rt.memory_format)
     net = torch.compile(model) if args.compile else model  # compiled during the warm-up steps
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=rt.device).contiguous(memory_format=rt.memory_format)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=rt.device)
+    x = x.contiguous(memory_format=rt.memory_format)
     y = torch.randint(0, 1000, (args.batch,), device=rt.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as finetune's
     loss_fn = nn.CrossEntropyLoss()
@@ -128,7 +129,8 @@ def phase_finetune(args) -> dict:
     seconds = [float(row["train_seconds"]) for row in result["history"]]
     later = sum(seconds[1:]) / len(seconds[1:])  # workers, oneDNN kernels and caches are warm
     return {"images_per_s": n_train / later, "first_epoch_images_per_s": n_train / seconds[0], "train_images": n_train,
-            "epoch_train_seconds": seconds, "timed": f"epochs 2-3; epoch 1 (decoding every file): {n_train / seconds[0]:.1f} img/s",
+            "epoch_train_seconds": seconds,
+            "timed": f"epochs 2-3; epoch 1 (decoding every file): {n_train / seconds[0]:.1f} img/s",
             **peak_mem(resolve_device(args.device))}
 
 
@@ -180,7 +182,7 @@ def phase_baseline(args) -> dict:
     loss_fn = nn.CrossEntropyLoss()
     timed_images, t0 = 0, None
     for epoch in range(2):
-        for i, (x, y) in enumerate(loader):
+        for x, y in loader:
             x, y = x.to(device), y.to(device)
             loss = loss_fn(model(x), y)
             opt.zero_grad()
@@ -249,10 +251,11 @@ def _median_round(runs: list[dict]) -> dict:
     if not good:
         return runs[0]
     good.sort(key=lambda r: r["images_per_s"])
-    return {**good[(len(good) - 1) // 2], "rounds_images_per_s": [r["images_per_s"] for r in runs if "images_per_s" in r]}
+    every = [r["images_per_s"] for r in runs if "images_per_s" in r]
+    return {**good[(len(good) - 1) // 2], "rounds_images_per_s": every}
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=18)
     p.add_argument("--img-size", type=int, default=224)
@@ -269,54 +272,53 @@ def main() -> None:
     p.add_argument("--phases", default=",".join(k for k in PHASES if k != "head_cached" and k not in LOAD_PHASES),
                    help=f"comma-separated, from: {', '.join(PHASES)}")
     p.add_argument("--repeat", type=int, default=3,
-                   help="rounds over all phases; each phase reports its median round (shared machines vary by 10%% run to run)")
+                   help="rounds over all phases; each phase reports its median round (shared machines vary by "
+                        "10%% run to run)")
     p.add_argument("--phase", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = p.parse_args()
+    return p.parse_args()
 
-    if args.phase:  # child
-        competitor = start_competitor() if "_busy" in args.phase else None
-        try:
-            plan = None
-            if args.phase.startswith(("finetune", "predict")) and not args.phase.endswith("_default"):
-                from rescli.core.cpus import adapt_to_load
 
-                plan = adapt_to_load()
-            if args.phase.startswith("predict"):
-                from rescli.core.cpus import let_idle_threads_sleep
+def _child(args: argparse.Namespace) -> None:
+    """One phase, in this process: the threads chosen as the CLI chooses them (before torch loads), a competing
+    process beside it for the *_busy phases."""
+    competitor = start_competitor() if "_busy" in args.phase else None
+    try:
+        plan = None
+        if args.phase.startswith(("finetune", "predict")) and not args.phase.endswith("_default"):
+            from rescli.core.cpus import adapt_to_load
 
-                let_idle_threads_sleep()
-            result = PHASES[args.phase](args)
-            if plan is not None:
-                result["threads"] = plan.describe()
-        finally:
-            if competitor is not None:
-                competitor.kill()
-        print(json.dumps(result))
-        return
+            plan = adapt_to_load()
+        if args.phase.startswith("predict"):
+            from rescli.core.cpus import let_idle_threads_sleep
 
-    if args.data is None:
-        args.data = str(make_photos(Path(tempfile.mkdtemp(prefix="rescli-bench-data-")), args.images))
+            let_idle_threads_sleep()
+        result = PHASES[args.phase](args)
+        if plan is not None:
+            result["threads"] = plan.describe()
+    finally:
+        if competitor is not None:
+            competitor.kill()
+    print(json.dumps(result))
+
+
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    """This command line for the children: everything but --phases and --json, and the data folder."""
     argv, skip = [], False
-    for a in sys.argv[1:]:  # forward everything but --phases/--json to the children
+    for a in sys.argv[1:]:
         if skip:
             skip = False
         elif a == "--phases":
             skip = True
         elif not a.startswith("--phases=") and a != "--json":
             argv.append(a)
-    if "--data" not in argv:
-        argv += ["--data", args.data]
-    phases = args.phases.split(",")
-    rounds: dict[str, list[dict]] = {phase: [] for phase in phases}
-    for k in range(max(1, args.repeat)):  # rounds, not phase after phase: a slow spell of the machine hits every phase alike
-        for phase in phases:
-            print(f"round {k + 1}/{max(1, args.repeat)}: {phase} …", file=sys.stderr, flush=True)
-            rounds[phase].append(run_child(phase, argv))
-    results = {phase: _median_round(runs) for phase, runs in rounds.items()}
+    return argv if "--data" in argv else [*argv, "--data", args.data]
+
+
+def _ratios(results: dict[str, dict]) -> dict[str, float]:
     ratios = {}
 
-    def ratio(name, a, b):
+    def ratio(name: str, a: str, b: str) -> None:
         if "images_per_s" in results.get(a, {}) and "images_per_s" in results.get(b, {}):
             ratios[name] = results[a]["images_per_s"] / results[b]["images_per_s"]
 
@@ -327,10 +329,12 @@ def main() -> None:
         ratio(f"{name}_busy / {name} (target >= 0.40)", f"{name}_busy", name)
         ratio(f"{name}_busy_default / {name} (before)", f"{name}_busy_default", name)
     if "peak_rss_mib" in results.get("predict", {}) and "peak_rss_mib" in results.get("predict_x4", {}):
-        ratios["predict_x4 / predict peak RSS (flat = ~1.0)"] = results["predict_x4"]["peak_rss_mib"] / results["predict"]["peak_rss_mib"]
-    if args.json:
-        print(json.dumps({"config": vars(args), "results": results, "ratios": ratios}, indent=2))
-        return
+        ratios["predict_x4 / predict peak RSS (flat = ~1.0)"] = (
+            results["predict_x4"]["peak_rss_mib"] / results["predict"]["peak_rss_mib"])
+    return ratios
+
+
+def _print_table(args: argparse.Namespace, results: dict[str, dict], ratios: dict[str, float]) -> None:
     print(f"rescli bench: resnet{args.depth}, {args.img_size} px, batch {args.batch}, data {args.data}")
     print(f"{'phase':<22} {'images/s':>10} {'peak RSS MiB':>13} {'peak GPU MiB':>13}  notes")
     for phase, r in results.items():
@@ -348,6 +352,29 @@ def main() -> None:
         print(f"{phase:<22} {ips:>10} {r.get('peak_rss_mib', '-'):>13} {r.get('peak_gpu_mib', '-'):>13}  {notes}")
     for name, value in ratios.items():
         print(f"{name:<48} {value:.2f}")
+
+
+def main() -> None:
+    args = _arguments()
+    if args.phase:
+        _child(args)
+        return
+    if args.data is None:
+        args.data = str(make_photos(Path(tempfile.mkdtemp(prefix="rescli-bench-data-")), args.images))
+    argv = _child_argv(args)
+    phases = args.phases.split(",")
+    rounds: dict[str, list[dict]] = {phase: [] for phase in phases}
+    # Rounds, not phase after phase: a slow spell of the machine hits every phase alike.
+    for k in range(max(1, args.repeat)):
+        for phase in phases:
+            print(f"round {k + 1}/{max(1, args.repeat)}: {phase} …", file=sys.stderr, flush=True)
+            rounds[phase].append(run_child(phase, argv))
+    results = {phase: _median_round(runs) for phase, runs in rounds.items()}
+    ratios = _ratios(results)
+    if args.json:
+        print(json.dumps({"config": vars(args), "results": results, "ratios": ratios}, indent=2))
+        return
+    _print_table(args, results, ratios)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,15 @@ def _threads(n: int | None) -> None:
 
 def single(args: argparse.Namespace) -> dict:
     from fastai.vision.all import (
-        CategoryBlock, DataBlock, ImageBlock, Resize, accuracy, get_image_files, parent_label, resnet18, vision_learner,
+        CategoryBlock,
+        DataBlock,
+        ImageBlock,
+        Resize,
+        accuracy,
+        get_image_files,
+        parent_label,
+        resnet18,
+        vision_learner,
     )
 
     held_out = {str(Path(r["path"]).resolve()) for r in csv.DictReader(open(Path(args.val_from) / "predictions.csv"))}
@@ -55,7 +63,14 @@ def single(args: argparse.Namespace) -> dict:
 def multi(args: argparse.Namespace) -> dict:
     import pandas as pd
     from fastai.vision.all import (
-        ColReader, ColSplitter, DataBlock, F1ScoreMulti, ImageBlock, MultiCategoryBlock, Resize, resnet18,
+        ColReader,
+        ColSplitter,
+        DataBlock,
+        F1ScoreMulti,
+        ImageBlock,
+        MultiCategoryBlock,
+        Resize,
+        resnet18,
         vision_learner,
     )
 
@@ -80,7 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=["single", "multi"])
     parser.add_argument("data")
-    parser.add_argument("--val-from", help="single: a rescli run folder whose predictions.csv lists the held-out images")
+    parser.add_argument("--val-from",
+                        help="single: a rescli run folder whose predictions.csv lists the held-out images")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64, help="fastai's default")

@@ -90,8 +90,10 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--img-size", type=int, default=64)
-    p.add_argument("--source-size", type=int, default=64, help="px of the generated digit PNGs (the 8x8 scans upscaled)")
-    p.add_argument("--keep", default=None, help="write the data and run folders here instead of a temp dir that is removed")
+    p.add_argument("--source-size", type=int, default=64,
+                   help="px of the generated digit PNGs (the 8x8 scans upscaled)")
+    p.add_argument("--keep", default=None,
+                   help="write the data and run folders here instead of a temp dir that is removed")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -111,32 +113,36 @@ def main() -> None:
             for precision in PRECISIONS:
                 print(f"seed {seed} {precision} …", file=sys.stderr, flush=True)
                 r = run_one(args, data_dir, work / f"runs/seed{seed}-{precision}", seed=seed, precision=precision)
-                print(f"  {r['runtime']}: val acc {r['val_accuracy']:.4f}, val loss {r['val_loss']:.4f}, {r['seconds']:.0f} s",
-                      file=sys.stderr, flush=True)
+                print(f"  {r['runtime']}: val acc {r['val_accuracy']:.4f}, val loss {r['val_loss']:.4f}, "
+                      f"{r['seconds']:.0f} s", file=sys.stderr, flush=True)
                 runs.append(r)
         total = time.perf_counter() - t_all
     summary = summarize(runs, seeds)
 
     if args.json:
-        print(json.dumps({"config": vars(args), "runs": runs, "summary": summary, "total_seconds": round(total, 1)}, indent=2))
+        report = {"config": vars(args), "runs": runs, "summary": summary, "total_seconds": round(total, 1)}
+        print(json.dumps(report, indent=2))
         return
 
     by = {(r["seed"], r["precision"]): r for r in runs}
     r0 = runs[0]
-    print(f"rescli precision check: resnet18 from scratch, full digits ({r0['train_images']} train / {r0['val_images']} val), "
-          f"{args.img_size} px, {args.epochs} epochs, batch 32; final-epoch validation")
-    print(f"{'seed':>4} {'fp32 acc':>9} {'bf16 acc':>9} {'diff':>8} {'fp32 loss':>10} {'bf16 loss':>10} {'diff':>8}  runtimes")
+    print(f"rescli precision check: resnet18 from scratch, full digits ({r0['train_images']} train / "
+          f"{r0['val_images']} val), {args.img_size} px, {args.epochs} epochs, batch 32; final-epoch validation")
+    print(f"{'seed':>4} {'fp32 acc':>9} {'bf16 acc':>9} {'diff':>8} {'fp32 loss':>10} {'bf16 loss':>10} {'diff':>8}  "
+          "runtimes")
     for s in seeds:
         f, b = by[s, "fp32"], by[s, "bf16"]
-        print(f"{s:>4} {f['val_accuracy']:>9.4f} {b['val_accuracy']:>9.4f} {b['val_accuracy'] - f['val_accuracy']:>+8.4f} "
-              f"{f['val_loss']:>10.4f} {b['val_loss']:>10.4f} {b['val_loss'] - f['val_loss']:>+8.4f}  {f['runtime']} | {b['runtime']}")
+        d_acc, d_loss = b["val_accuracy"] - f["val_accuracy"], b["val_loss"] - f["val_loss"]
+        print(f"{s:>4} {f['val_accuracy']:>9.4f} {b['val_accuracy']:>9.4f} {d_acc:>+8.4f} "
+              f"{f['val_loss']:>10.4f} {b['val_loss']:>10.4f} {d_loss:>+8.4f}  {f['runtime']} | {b['runtime']}")
     acc, loss = summary["val_accuracy"], summary["val_loss"]
 
     def ms(pair, sign=""):
         return f"{pair[0]:{sign}.4f}±{pair[1]:.4f}"
 
-    print(f"{'mean±sd':>7} acc: fp32 {ms(acc['fp32'])}  bf16 {ms(acc['bf16'])}  bf16-fp32 {ms(acc['bf16-fp32'], '+')}")
-    print(f"{'mean±sd':>7} loss: fp32 {ms(loss['fp32'])}  bf16 {ms(loss['bf16'])}  bf16-fp32 {ms(loss['bf16-fp32'], '+')}")
+    for name, pairs in (("acc", acc), ("loss", loss)):
+        print(f"{'mean±sd':>7} {name}: fp32 {ms(pairs['fp32'])}  bf16 {ms(pairs['bf16'])}  "
+              f"bf16-fp32 {ms(pairs['bf16-fp32'], '+')}")
     secs = summary["seconds"]
     print(f"seconds per run (mean): fp32 {secs['fp32']:.1f}  bf16 {secs['bf16']:.1f}   total {total:.0f} s")
 

@@ -44,7 +44,7 @@ def test_cli_reference_lists_every_command_option_and_default(cli_reference):
     page = (DOCS / "cli.md").read_text(encoding="utf-8")
     for name in ("finetune", "lr-find", "dataset", "evaluate", "report", "predict", "degradation", "export", "info"):
         assert f"\n## rescli {name}\n" in page
-    assert "| `--batch-size`, `-b` | INTEGER | `32` | Images per step. |" in page
+    assert "| `--batch-size`, `-b` | INTEGER | `64` | Images per step. |" in page  # degradation's, with its default
     assert "| `--format`, `-f` | table\\|jsonl\\|json\\|csv\\|tsv | `table` |" in page  # choices, escaped for the table
     assert "| `--cache-images` / `--no-cache-images` | flag | `--cache-images` |" in page
     assert "rescli predict [OPTIONS] INPUTS...\n" in page and "rescli finetune [OPTIONS] [DATA_DIR]\n" in page

@@ -65,7 +65,10 @@ Weights = Annotated[str, typer.Option(
 Strategy = Annotated[str, typer.Option("--strategy", help=(
     "head (backbone frozen), full, gradual (head first, then all with lower LRs for early layers); "
     "auto = gradual when pretrained, else full."))]
-TrainBatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per step.")]
+RecipeBatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per step.")]
+TrainBatchSize = Annotated[Optional[int], typer.Option(
+    "--batch-size", "-b", help="Images per step [default: 32; 64 for images under 64 px when the training split has "
+    "2,000 or more]; with several processes, the global batch.")]
 ImgSize = Annotated[int, typer.Option("--img-size", help="Square input size in pixels.")]
 WeightDecay = Annotated[float, typer.Option(
     "--weight-decay", help="AdamW weight decay (not applied to norms and biases).")]
@@ -89,8 +92,8 @@ Precision = Annotated[str, typer.Option("--precision", help=(
     "auto, fp32, bf16 or fp16 (auto: bf16 on CPUs with AMX/AVX512-BF16 and GPUs that have it, fp16 on older "
     "GPUs)."))]
 Compile = Annotated[bool, typer.Option("--compile", help=(
-    "torch.compile the model first (~10-15 s, ~2 s once cached): ~1.4-1.5x faster on a CPU, worth it from a few "
-    "thousand images. Checkpoints only."))]
+    "torch.compile the model first: a slower start, then faster inference on a CPU, worth it from a few thousand "
+    "images (figures: docs/performance.md). Checkpoints only."))]
 RawScores = Annotated[bool, typer.Option(
     "--raw-scores", help="Softmax of raw logits (skip the stored temperature calibration).")]
 

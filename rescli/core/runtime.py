@@ -37,7 +37,14 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX or AVX512-BF16, where bf16 autocast is several times faster than fp32."""
+    """True on CPUs with AMX or AVX512-BF16, where bf16 autocast is several times faster than fp32.
+
+    Also asks which kernels torch will really use: with ``ATEN_CPU_CAPABILITY=avx2`` (or a torch built without
+    AVX-512 kernels) the bf16 instructions go unused and bf16 only costs conversions, so fp32 it is.
+    """
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")()
+    if not str(capability).upper().startswith("AVX512"):
+        return False
     try:
         if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported():
             return True

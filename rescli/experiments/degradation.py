@@ -47,7 +47,7 @@ from rescli.models.registry import TORCHVISION_DEPTHS, arch_spec, check_arch_kwa
 from rescli.models.weights import load_pretrained
 from rescli.train.loop import finetune
 from rescli.train.run_folder import new_run_dir
-from rescli.train.settings import TrainSettings
+from rescli.train.settings import TrainSettings, batch_size_of
 
 STAGES = ("stem", *STAGE_NAMES, "head")
 
@@ -174,7 +174,7 @@ def run_degradation(
     depths: str | Sequence[int] = (20, 56),
     output: str | os.PathLike | None = None,
     epochs: int = RECIPE.epochs,
-    batch_size: int = RECIPE.batch_size,
+    batch_size: int = batch_size_of(RECIPE),
     img_size: int = RECIPE.img_size,
     shortcut: str = "A",
     lr: float = float(RECIPE.lr),
@@ -237,10 +237,10 @@ def _shared(index: DatasetIndex, run_dir: Path, base: TrainSettings, *, show_pro
     train_eval_loader = make_loader(
         ImageSamples(train_samples, build_transform(img_size=base.img_size, train=False),
                      draft_size=draft_size_for(base.img_size, train=False)),
-        batch_size=base.batch_size * 2, shuffle=False,
+        batch_size=batch_size_of(base) * 2, shuffle=False,
         workers=default_workers() if base.workers is None else base.workers,
     )
-    images, labels = fixed_batch(train_samples, img_size=base.img_size, size=base.batch_size, seed=base.seed)
+    images, labels = fixed_batch(train_samples, img_size=base.img_size, size=batch_size_of(base), seed=base.seed)
     return _Shared(run_dir, base, len(index.classes), images, labels, train_eval_loader, show_progress)
 
 

@@ -66,7 +66,16 @@ from rescli.train.prepare import (
 from rescli.train.records import RunRecords
 from rescli.train.run_folder import data_record, write_history
 from rescli.train.schedule import Plan, epoch_order
-from rescli.train.settings import LR_AUTO, TrainSettings, peak_lr, resolve_strategy, settings_record, training_runtime
+from rescli.train.settings import (
+    LR_AUTO,
+    TrainSettings,
+    auto_batch_size,
+    batch_size_of,
+    peak_lr,
+    resolve_strategy,
+    settings_record,
+    training_runtime,
+)
 from rescli.train.state import EpochTotals, TrainingState, restore_rng, seed_everything
 from rescli.train.step import NonFiniteLoss, SoftmaxObjective, Trainer, class_weights_for, maybe_sync_bn
 from rescli.train.validation import validate
@@ -110,7 +119,8 @@ def _prepare(
     start = resolve_start(settings=settings, resume=resume, epochs=epochs)
     s = start.settings
     ctx, device = init_from_env(s.device)
-    check_batch_size(s.batch_size, ctx.world_size)
+    if s.batch_size is not None:  # an automatic batch is checked once the data chose it
+        check_batch_size(s.batch_size, ctx.world_size)
     if s.sync_bn:
         check_sync_bn(True, resolve_device(device))
     run_dir = open_run_folder(ctx, start, output=output, holds=holds)
@@ -124,6 +134,9 @@ def _prepare(
         return checked_index(found, start=start, run_dir=run_dir)
 
     index = on_main(ctx, scan)
+    if s.batch_size is None:  # a resumed run has its number: this happens once, for a new run
+        s.batch_size = auto_batch_size(img_size=s.img_size, train_images=len(index.splits["train"]))
+        check_batch_size(s.batch_size, ctx.world_size)
 
     # The model and the weights it starts from; where and how precisely it trains.
     model = create_model(s.arch, len(index.classes), s.arch_kwargs)
@@ -146,7 +159,7 @@ def _prepare(
     if use_feature_cache(s, strategy=strategy, tail_only=start.tail_only):
         features = cache_features(
             model, train_ds=data.train_ds, val_loader=data.val_loader, ctx=ctx, runtime=runtime, mean=weights.mean,
-            std=weights.std, batch_size=s.batch_size * 2, workers=data.workers, pin_memory=data.pin_memory,
+            std=weights.std, batch_size=batch_size_of(s) * 2, workers=data.workers, pin_memory=data.pin_memory,
         )
     model = maybe_sync_bn(model, settings=s, ctx=ctx, on_features=features is not None)  # after the LR test
     return Run(
@@ -197,7 +210,7 @@ def _train(run: Run, *, on_epoch_end: Callable[..., dict[str, Any] | None] | Non
 
 def _trainer(run: Run) -> Trainer:
     s = run.settings
-    steps_per_epoch = max(1, math.ceil(run.train_images / s.batch_size))
+    steps_per_epoch = max(1, math.ceil(run.train_images / batch_size_of(s)))
     plan = Plan(run.strategy, run.frozen_epochs, s.epochs, steps_per_epoch, s.warmup_fraction)
     labels = [y for _, y in run.index.splits["train"]]
     objective = SoftmaxObjective(
@@ -230,10 +243,10 @@ def _training_batches(run: Run, notes: Notes) -> TrainingBatches:
     if run.features is not None:
         return FeatureBatches(run.features.train, run.runtime.device)
     return ImageBatches(
-        run.data.train_ds, img_size=s.img_size, per_process_batch=s.batch_size // ctx.world_size,
+        run.data.train_ds, img_size=s.img_size, per_process_batch=batch_size_of(s) // ctx.world_size,
         workers=run.data.workers, pin_memory=run.data.pin_memory, seed=s.seed, runtime=run.runtime,
         mean=run.weights.mean, std=run.weights.std, distributed=ctx.enabled, notes=notes,
-        lone_image_note=lone_image_note(train_images=run.train_images, batch_size=s.batch_size,
+        lone_image_note=lone_image_note(train_images=run.train_images, batch_size=batch_size_of(s),
                                         processes=ctx.world_size),
     )
 
@@ -286,7 +299,8 @@ def _train_epoch(loop: _Loop, epoch: int, *, stop: StopFlag) -> None:
     if not (skip and ctx.is_main):  # a resumed epoch's saved totals are counted once, by rank 0
         state.totals = EpochTotals()
     # The order depends only on (seed, epoch); distributed, this process's slot of every global batch.
-    slots = rank_batches(epoch_order(run.train_images, seed=s.seed, epoch=epoch), batch_size=s.batch_size, ctx=ctx)
+    order = epoch_order(run.train_images, seed=s.seed, epoch=epoch)
+    slots = rank_batches(order, batch_size=batch_size_of(s), ctx=ctx)
     batches = loop.batches.epoch(slots[skip:], epoch=epoch, batchnorm_in_training=trainer.batchnorm_in_training)
     try:
         step = train_one_epoch(trainer, batches, epoch=epoch, first_step=skip, steps=len(slots),
@@ -335,7 +349,7 @@ def _describe_start(run: Run) -> str:
         f"{s.arch} · {len(run.classes)} classes · {len(run.index.splits['train'])} train / "
         f"{len(run.index.splits['val'])} val images · {run.runtime.describe()} · strategy {run.strategy}"
         + (f" ({run.frozen_epochs} frozen epoch(s))" if run.strategy == "gradual" else "")
-        + (f" · {ctx.world_size} processes ({backend()}), {s.batch_size // ctx.world_size} images each a step"
+        + (f" · {ctx.world_size} processes ({backend()}), {batch_size_of(s) // ctx.world_size} images each a step"
            if ctx.enabled else "")
         + f" · run folder {run.run_dir}"
     )

@@ -34,7 +34,14 @@ from rescli.train.params import (
     set_backbone_trainable,
 )
 from rescli.train.run_folder import report_scan
-from rescli.train.settings import TrainSettings, resolve_strategy, training_runtime, validate_settings
+from rescli.train.settings import (
+    TrainSettings,
+    auto_batch_size,
+    batch_size_of,
+    resolve_strategy,
+    training_runtime,
+    validate_settings,
+)
 from rescli.train.state import seed_everything
 
 
@@ -250,7 +257,7 @@ def auto_lr(
         events.info("--lr auto: running the learning-rate range test first")
         found = range_test(
             model, train_ds, runtime=runtime, mean=mean, std=std, frozen_backbone=frozen_backbone,
-            batch_size=settings.batch_size, weight_decay=settings.weight_decay,
+            batch_size=batch_size_of(settings), weight_decay=settings.weight_decay,
             label_smoothing=settings.label_smoothing, workers=workers, seed=settings.seed,
         )
         found.plot(run_dir / "lr_find.png")
@@ -282,6 +289,8 @@ def find_lr(
         workers=settings.workers,
     )
     report_scan(index, None)
+    if settings.batch_size is None:  # as finetune would choose it for this folder
+        settings.batch_size = auto_batch_size(img_size=settings.img_size, train_images=len(index.splits["train"]))
     classes = index.classes
     model = create_model(settings.arch, len(classes), settings.arch_kwargs)
     winfo = load_pretrained(model, arch=settings.arch, weights=settings.weights, arch_kwargs=settings.arch_kwargs)
@@ -303,7 +312,8 @@ def find_lr(
     )
     result = range_test(
         model, train_ds, runtime=runtime, mean=list(winfo.mean), std=list(winfo.std), frozen_backbone=frozen,
-        batch_size=settings.batch_size, weight_decay=settings.weight_decay, label_smoothing=settings.label_smoothing,
+        batch_size=batch_size_of(settings), weight_decay=settings.weight_decay,
+        label_smoothing=settings.label_smoothing,
         workers=default_workers() if settings.workers is None else settings.workers, seed=settings.seed,
         start_lr=start_lr, end_lr=end_lr, num_steps=num_steps,
     )

@@ -28,7 +28,7 @@ from rescli.train.run_folder import (
     restore_split,
     run_finished,
 )
-from rescli.train.settings import TrainSettings, check_run_settings, settings_from_dict
+from rescli.train.settings import TrainSettings, batch_size_of, check_run_settings, settings_from_dict
 
 
 @dataclass
@@ -147,10 +147,10 @@ def prepare_data(settings: TrainSettings, index: DatasetIndex, *, ctx: DistConte
     )
     # Distributed: each process evaluates every N-th validation image; the results are gathered by index.
     val_loader = make_loader(
-        val_ds, batch_size=settings.batch_size * 2, shuffle=False, workers=workers, pin_memory=pin,
+        val_ds, batch_size=batch_size_of(settings) * 2, shuffle=False, workers=workers, pin_memory=pin,
         sampler=shard(range(len(val_ds)), ctx) if ctx.enabled else None,
     )
-    return RunData(train_ds, val_ds, val_loader, workers, pin, settings.batch_size * 2)
+    return RunData(train_ds, val_ds, val_loader, workers, pin, batch_size_of(settings) * 2)
 
 
 def attach_image_caches(
@@ -223,6 +223,6 @@ def describe_run(run: Run, *, settings: dict[str, Any], image_cache: dict[str, i
     if run.ctx.enabled:
         info["distributed"] = {
             "world_size": run.ctx.world_size, "backend": backend(),
-            "per_process_batch": s.batch_size // run.ctx.world_size, "sync_bn": bool(s.sync_bn),
+            "per_process_batch": batch_size_of(s) // run.ctx.world_size, "sync_bn": bool(s.sync_bn),
         }
     return info

@@ -26,7 +26,7 @@ class TrainSettings:
     strategy: str = "auto"
     freeze_epochs: int = 1
     epochs: int = 5
-    batch_size: int = 32
+    batch_size: int | None = None  # None: auto_batch_size, chosen once the training split is known
     img_size: int = 224
     lr: float | str = 2e-3  # a number, or "auto"; a string from the command line is parsed by validate_settings
     weight_decay: float = 0.05
@@ -94,11 +94,29 @@ def training_runtime(settings: TrainSettings, *, device: str | None = None) -> R
     return runtime
 
 
+#: The default batch, and the larger one for many small images (see auto_batch_size).
+BATCH_SIZE, SMALL_IMAGES_BATCH_SIZE = 32, 64
+#: Below this size and from this many training images on, the larger batch is the default.
+SMALL_IMAGES_PX, MANY_IMAGES = 64, 2000
+
+
+def auto_batch_size(*, img_size: int, train_images: int) -> int:
+    """The batch a run takes when --batch-size is not given: 32, or 64 for many small images.
+
+    At small sizes a step's fixed costs (kernel launches on tiny tensors, the optimiser, gradient clipping) weigh
+    as much as its images, so twice the images a step cost far less than twice the time (docs/performance.md,
+    "Batch size at small image sizes"); a small folder keeps 32, so that a short run still takes enough steps.
+    """
+    if img_size < SMALL_IMAGES_PX and train_images >= MANY_IMAGES:
+        return SMALL_IMAGES_BATCH_SIZE
+    return BATCH_SIZE
+
+
 def check_run_settings(settings: TrainSettings) -> None:
     """Usage errors (exit 2) for values no fine-tuning run can use; checked before a run folder is made."""
     if settings.epochs < 1:
         raise UsageError("--epochs must be at least 1")
-    if settings.batch_size < 1:
+    if settings.batch_size is not None and settings.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     if not 8 <= settings.img_size <= MAX_IMG_SIZE:
         raise UsageError(f"--img-size must be from 8 to {MAX_IMG_SIZE} pixels")
@@ -139,6 +157,13 @@ def peak_lr(settings: TrainSettings) -> float:
     if isinstance(settings.lr, str):
         raise RescliError(f"--lr {settings.lr!r} was not turned into a number before training (a bug)")
     return settings.lr
+
+
+def batch_size_of(settings: TrainSettings) -> int:
+    """--batch-size as the number training uses: given, or chosen by auto_batch_size once the data is scanned."""
+    if settings.batch_size is None:
+        raise RescliError("the batch size was not chosen before training (a bug)")
+    return settings.batch_size
 
 
 def settings_record(

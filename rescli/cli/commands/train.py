@@ -96,7 +96,7 @@ def finetune(
     strategy: Strategy = "auto",
     freeze_epochs: FreezeEpochs = 1,
     epochs: Epochs = None,
-    batch_size: TrainBatchSize = 32,
+    batch_size: TrainBatchSize = None,
     img_size: ImgSize = 224,
     lr: LearningRate = "2e-3",
     weight_decay: WeightDecay = 0.05,
@@ -151,10 +151,10 @@ def finetune(
         _show_run(result, fmt)
 
 
-def _launch_when_asked(gpus: int, *, batch_size: int, resumed: bool) -> None:
+def _launch_when_asked(gpus: int, *, batch_size: int | None, resumed: bool) -> None:
     """--gpus N (or a process torchrun started): run the command again under torchrun, and exit with its status."""
     if gpus > 1 or launched_by_torchrun():
-        if not resumed:
+        if not resumed and batch_size is not None:  # an automatic batch is checked once the data chose it
             from rescli.train.distributed import check_batch_size
 
             check_batch_size(batch_size, gpus)
@@ -243,7 +243,7 @@ def lr_find(
     shortcut: Shortcut = None,
     weights: Weights = "imagenet",
     strategy: Strategy = "auto",
-    batch_size: TrainBatchSize = 32,
+    batch_size: TrainBatchSize = None,
     img_size: ImgSize = 224,
     weight_decay: WeightDecay = 0.05,
     label_smoothing: LabelSmoothing = 0.1,
