@@ -39,6 +39,9 @@ class ModelFormat(str, Enum):
 
     torchscript = "torchscript"
     onnx = "onnx"
+    onnx_int8 = "onnx-int8"
+    openvino = "openvino"
+    openvino_int8 = "openvino-int8"
 
 
 # --- what a command reads -------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 from rescli.core.errors import RescliError
 from rescli.inference.lookup import model_kind, run_folder_to_file
 from rescli.inference.onnx_export import describe_onnx
+from rescli.inference.openvino_export import describe_openvino
 from rescli.inference.torchscript_export import describe_torchscript
 from rescli.models.checkpoint import load_checkpoint, model_fields
 
@@ -28,7 +29,8 @@ def describe_model(path: str | os.PathLike) -> dict[str, Any]:
     if not path.exists():
         raise RescliError(f"{path}: no such file")
     if path.is_dir():
-        raise RescliError(f"{path}: is a folder; pass a model file (a run folder's best.pt, or a .ts/.onnx export)")
+        raise RescliError(f"{path}: is a folder; pass a model file (a run folder's best.pt, or a .ts/.onnx/.xml "
+                          f"export)")
     size_mb = round(path.stat().st_size / 1e6, 2)
     kind = model_kind(path)
     if kind == "checkpoint":
@@ -36,21 +38,49 @@ def describe_model(path: str | os.PathLike) -> dict[str, Any]:
     return _describe_export(path, kind=kind, size_mb=size_mb)
 
 
+_DESCRIBE = {"torchscript": describe_torchscript, "onnx": describe_onnx, "openvino": describe_openvino}
+
+
 def _describe_export(path: Path, *, kind: str, size_mb: float) -> dict[str, Any]:
-    desc = describe_torchscript(path) if kind == "torchscript" else describe_onnx(path)
+    desc = _DESCRIBE[kind](path)
     meta = desc["meta"]
+    deployment = meta.get("deployment") or {}
+    if kind == "openvino":  # the weights are in the .bin beside the .xml
+        size_mb = round(size_mb + path.with_suffix(".bin").stat().st_size / 1e6, 2)
     shown = ("arch", "classes", "img_size", "mean", "std", "temperature")
     return {
         "file": str(path),
-        "kind": kind,
+        "kind": kind + (f" {deployment['precision']}" if deployment.get("precision") == "int8" else ""),
         "size_mb": size_mb,
         **{k: meta.get(k) for k in shown},
-        "parameters": desc["parameters"],
+        # an int8 ONNX file holds its weights as int8, which describe_onnx does not count: the export's record does
+        "parameters": deployment.get("parameters", desc["parameters"]),
         "metrics": meta.get("metrics", {}),
+        **_deployment_rows(deployment),
         "source": meta.get("source"),
         "created": meta.get("created"),
         "versions": meta.get("versions", {}),
         "trained_with": meta.get("trained_with", {}),
+    }
+
+
+def _deployment_rows(deployment: dict[str, Any]) -> dict[str, Any]:
+    """What an export checked on the validation split carries: how it was quantised, and how it compared with the
+    checkpoint (label agreement, accuracy of both, the largest score difference) on which images."""
+    if not deployment:
+        return {}
+    check = deployment.get("check") or {}
+    figures = ("images", "agreement", "accuracy_checkpoint", "accuracy_export", "accuracy_drop_points",
+               "max_score_difference", "min_agreement", "max_drop_points")
+    quantisation = deployment.get("quantisation") or {}
+    return {
+        "engine": f"{deployment.get('engine')} {deployment.get('precision')}"
+                  + (f" (checked at {deployment['inference_precision']})" if deployment.get("inference_precision")
+                     else ""),
+        "quantisation": {k: quantisation[k] for k in ("method", "calibration_images", "calibration_source")
+                         if k in quantisation},
+        "checked_on": check.get("on"),
+        "check": {k: check[k] for k in figures if check.get(k) is not None},
     }
 
 

@@ -1,5 +1,6 @@
-"""rescli export: a checkpoint written as a TorchScript or ONNX file that carries its own labels and
-preprocessing (rescli.inference.export_format), then checked against the checkpoint's own network."""
+"""rescli export: a checkpoint written as a TorchScript, ONNX or OpenVINO file (fp32 or int8) that carries its own
+labels and preprocessing (rescli.inference.export_format), checked against the checkpoint's own network: by logit
+parity (torchscript, onnx), or on the validation split before it is kept (the others: inference.checked_export)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 from rescli.core.errors import RescliError, UsageError
 from rescli.data.images import load_rgb
 from rescli.data.transforms import build_transform, to_model_input
+from rescli.inference.checked_export import CHECKED_FORMATS, Calibration, export_checked
+from rescli.inference.deploy_check import Limits
 from rescli.inference.export_format import export_metadata
 from rescli.inference.inputs import iter_input_paths
 from rescli.inference.lookup import model_kind, run_folder_to_file
@@ -22,10 +25,19 @@ from rescli.inference.predictor import Predictor
 from rescli.inference.torchscript_export import load_torchscript_predictor, write_torchscript
 from rescli.models.checkpoint import load_checkpoint, model_from_checkpoint
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("torchscript", "onnx", *CHECKED_FORMATS)
 
 
-SUFFIXES = {"torchscript": ".ts", "onnx": ".onnx"}
+SUFFIXES = {"torchscript": ".ts", "onnx": ".onnx", "onnx-int8": ".int8.onnx", "openvino": ".xml",
+            "openvino-int8": ".int8.xml"}
+
+
+#: How rescli opens each format's file (lookup.model_kind), and the names that open so.
+KINDS = {"torchscript": "torchscript", "onnx": "onnx", "onnx-int8": "onnx", "openvino": "openvino",
+         "openvino-int8": "openvino"}
+
+
+_NAMES = {"torchscript": ".ts or .torchscript", "onnx": ".onnx", "openvino": ".xml (its weights: the .bin beside it)"}
 
 
 def export_model(
@@ -36,16 +48,23 @@ def export_model(
     check_images: Sequence[str] | None = None,
     opset: int = 17,
     to: str | None = None,
+    calibration: Calibration | None = None,
+    limits: Limits | None = None,
 ) -> dict[str, Any]:
-    """Write the export and check it against the checkpoint; returns paths and max |logit difference|.
+    """Write the export and check it against the checkpoint; returns paths and the check's figures.
 
-    ``to``: the format, torchscript or onnx (``fmt`` is its older name, and still works).
+    ``to``: the format, one of FORMATS (``fmt`` is its older name, and still works). torchscript and onnx are
+    checked by max |logit difference| after writing; onnx-int8, openvino and openvino-int8 on the validation split
+    before (``limits``), int8 calibrated on ``calibration`` (default: 300 images of the validation split).
     """
     fmt = _chosen_format(fmt=fmt, to=to)
     src, out = _source_and_output(model, fmt=fmt, output=output)
     ckpt = load_checkpoint(src)
     meta = export_metadata(ckpt, source=src.name)
     net = model_from_checkpoint(ckpt, source=src).float().eval()
+    if fmt in CHECKED_FORMATS:
+        return export_checked(net=net, ckpt=ckpt, meta=meta, fmt=fmt, out=out, opset=opset,
+                              calibration=calibration or Calibration(), limits=limits or Limits())
     size = int(ckpt["img_size"])
     example = torch.randn(2, 3, size, size)
     predictor: Predictor | None
@@ -83,9 +102,11 @@ def _source_and_output(model: str | os.PathLike, *, fmt: str, output: str | os.P
     out = Path(output) if output else src.with_suffix(SUFFIXES[fmt])
     if out.resolve() == src.resolve():
         raise UsageError(f"--output {out}: would overwrite the checkpoint; choose another file name")
-    if model_kind(out) != fmt:  # rescli opens a model file by its name: any other name would not open as an export
-        names = {"torchscript": ".ts or .torchscript", "onnx": ".onnx"}[fmt]
-        raise UsageError(f"--output {out}: a {fmt} export must be named {names}; choose such a name")
+    if model_kind(out) != KINDS[fmt]:  # rescli opens a model file by its name: any other would not open as an export
+        raise UsageError(f"--output {out}: a {fmt} export must be named {_NAMES[KINDS[fmt]]}; choose such a name")
+    if KINDS[fmt] == "openvino" and out.with_suffix(".bin").resolve() == src.resolve():
+        raise UsageError(f"--output {out}: its weights file {out.with_suffix('.bin')} would overwrite the checkpoint; "
+                         f"choose another file name")
     return src, out
 
 

@@ -46,6 +46,9 @@ def export_metadata(ckpt: dict[str, Any], *, source: str | None = None) -> dict[
         "settings": {k: settings[k] for k in ("data_dir", "val_split", "seed") if k in settings},
         "data": ckpt.get("data"),  # the training folder and its split, file for file: evaluate scores the held-out part
         "source": source,
+        # engine, precision, int8 calibration and the validation-split check it passed (inference.checked_export);
+        # None for the exports checked by logit parity alone (torchscript, onnx)
+        "deployment": None,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

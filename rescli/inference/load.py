@@ -1,5 +1,5 @@
 """A model file as a Predictor: a checkpoint here, an export through its format's module (torchscript_export,
-onnx_export); which one is decided by the file's name alone (lookup.model_kind)."""
+onnx_export, openvino_export); which one is decided by the file's name alone (lookup.model_kind)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from rescli.core.errors import RescliError, UsageError
 from rescli.core.runtime import select_runtime
 from rescli.inference.lookup import model_kind, run_folder_to_file
 from rescli.inference.onnx_export import load_onnx_predictor
+from rescli.inference.openvino_export import load_openvino_predictor
 from rescli.inference.predictor import Predictor, torch_logits_fn
 from rescli.inference.torchscript_export import load_torchscript_predictor
 from rescli.models.checkpoint import load_checkpoint, model_from_checkpoint
@@ -18,8 +19,8 @@ from rescli.models.checkpoint import load_checkpoint, model_from_checkpoint
 def load_predictor(
     path: str | os.PathLike, *, device: str = "auto", precision: str = "auto", compile: bool = False
 ) -> Predictor:
-    """A checkpoint (.pt), TorchScript export (.ts) or ONNX export (.onnx) as a Predictor; a run folder means its
-    best.pt. Each loader checks the file's metadata.
+    """A checkpoint (.pt), TorchScript export (.ts), ONNX export (.onnx, fp32 or int8) or OpenVINO export (.xml) as
+    a Predictor; a run folder means its best.pt. Each loader checks the file's metadata.
 
     ``compile``: torch.compile a checkpoint's model (see CompiledForward); exports are already compiled forms.
     """
@@ -27,7 +28,8 @@ def load_predictor(
     if not path.exists():
         raise RescliError(f"{path}: no such model file")
     if path.is_dir():
-        raise RescliError(f"{path}: is a folder; pass a model file (a run folder's best.pt, or a .ts/.onnx export)")
+        raise RescliError(f"{path}: is a folder; pass a model file (a run folder's best.pt, or a .ts/.onnx/.xml "
+                          f"export)")
     kind = model_kind(path)
     if compile and kind != "checkpoint":
         raise UsageError(
@@ -35,6 +37,8 @@ def load_predictor(
         )
     if kind == "onnx":
         return load_onnx_predictor(path)
+    if kind == "openvino":
+        return load_openvino_predictor(path, device=device, precision=precision)
     if kind == "torchscript":
         return load_torchscript_predictor(path, device=device, precision=precision)
     return load_checkpoint_predictor(path, device=device, precision=precision, compile=compile)

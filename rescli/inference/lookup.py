@@ -40,8 +40,12 @@ TORCHSCRIPT_SUFFIXES = (".ts", ".torchscript")
 ONNX_SUFFIXES = (".onnx",)
 
 
+OPENVINO_SUFFIXES = (".xml",)
+
+
 def model_kind(path: str | os.PathLike) -> str:
-    """checkpoint, torchscript or onnx: by the file's name alone, the one place that decides how a model is opened.
+    """checkpoint, torchscript, onnx or openvino: by the file's name alone, the one place that decides how a model is
+    opened (an OpenVINO IR by its .xml; its .bin is read from beside it).
 
     Never by content: a TorchScript file is a program that runs when it is loaded, so only a file named for it
     (.ts, .torchscript) is loaded as one. Everything else, best.pt and a run folder included, is a checkpoint,
@@ -50,6 +54,8 @@ def model_kind(path: str | os.PathLike) -> str:
     suffix = Path(path).suffix.lower()
     if suffix in ONNX_SUFFIXES:
         return "onnx"
+    if suffix in OPENVINO_SUFFIXES:
+        return "openvino"
     if suffix in TORCHSCRIPT_SUFFIXES:
         return "torchscript"
     return "checkpoint"

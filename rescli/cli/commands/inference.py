@@ -144,32 +144,53 @@ Examples:
 
     rescli export runs/run1/best.pt --to torchscript --output model.ts
     rescli export runs/run1 --to onnx --output model.onnx --check-images ./images/val
-    rescli predict photo.jpg --model model.onnx      # works like the checkpoint
-    rescli info model.onnx                           # what the file holds
+    rescli export runs/run1 --to openvino-int8 --output model.xml   # writes model.xml + model.bin
+    rescli export runs/run1 --to onnx-int8 --calibrate ./more_photos --min-agreement 0.995
+    rescli predict photo.jpg --model model.xml       # works like the checkpoint
+    rescli info model.xml                            # what the file holds, and how it was checked
 
-The file carries class names, image size, mean/std and temperature (TorchScript extra file
-or ONNX metadata_props "rescli.json"); the ONNX batch axis is dynamic. Both load without
-rescli: torch.jit.load, or onnxruntime (see examples/predict_onnx.py).
+The file carries class names, image size, mean/std and temperature (TorchScript extra file,
+ONNX metadata_props or OpenVINO rt_info "rescli.json"); the batch axis is dynamic. They load
+without rescli: torch.jit.load, onnxruntime (see examples/predict_onnx.py) or OpenVINO.
+
+onnx-int8, openvino and openvino-int8 are for fast CPU inference (docs/deploy.md). int8 is
+calibrated on 300 images of the checkpoint's validation split (or of --calibrate DATA_DIR).
+Before the file is kept, it runs beside the checkpoint on the validation split: label
+agreement, the accuracy of both and the largest score difference are printed and stored in
+the file. Agreement below --min-agreement or an accuracy drop beyond --max-drop fails the
+export (exit 1, nothing written). OpenVINO needs pip install 'rescli[openvino]'; ONNX needs
+pip install 'rescli[onnx]'.
 
 A TorchScript file is a program: loading it (torch.jit.load, rescli predict/evaluate/info)
 runs the code inside, so open only TorchScript files you made yourself. rescli loads
-TorchScript only from a file named .ts or .torchscript, and ONNX only from .onnx, so
---output must end that way; a checkpoint (.pt, a run folder) is only ever read as data.
+TorchScript only from a file named .ts or .torchscript, ONNX only from .onnx and OpenVINO
+only from .xml (with the .bin beside it), so --output must end that way; a checkpoint (.pt,
+a run folder) is only ever read as data.
 
 --to was called --format (-f) before; that spelling still works, with a warning.
 """
 
 ModelToExport = Annotated[Path, typer.Argument(
     help="A rescli checkpoint, or a run folder (its best.pt); read as data only.")]
-ExportTo = Annotated[ModelFormat, typer.Option(
-    "--to", help="torchscript (.ts) or onnx (.onnx; needs pip install 'rescli[onnx]').")]
+ExportTo = Annotated[ModelFormat, typer.Option("--to", help=(
+    "torchscript (.ts), onnx (.onnx), onnx-int8 (.int8.onnx; both need pip install 'rescli[onnx]'), openvino "
+    "(.xml + .bin) or openvino-int8 (.int8.xml + .bin; both need pip install 'rescli[openvino]')."))]
 # The old spelling of --to: `--format` means the output's format in every other command.
 ExportToDeprecated = Annotated[Optional[ModelFormat], typer.Option("--format", "-f", hidden=True)]
 ExportFile = Annotated[Optional[Path], typer.Option(
-    "--output", "-o", help="Output file [default: MODEL with .ts/.onnx].")]
+    "--output", "-o", help="Output file [default: MODEL with the format's suffix, e.g. best.int8.xml].")]
 CheckImages = Annotated[Optional[list[str]], typer.Option("--check-images", help=(
     "Images or folders for the parity check [default: the training folder, if present]."))]
 PrintFormat = Annotated[TableOrJson, typer.Option("--print", help="Result as table or json.")]
+CalibrateFolder = Annotated[Optional[Path], typer.Option("--calibrate", help=(
+    "int8: a folder of images to calibrate on [default: the checkpoint's validation split]."))]
+CalibrationImages = Annotated[int, typer.Option(
+    "--calibration-images", help="int8: how many images to calibrate on (spread over the folder or split).")]
+MinAgreement = Annotated[float, typer.Option("--min-agreement", help=(
+    "onnx-int8/openvino/openvino-int8: the least share of validation images on which the export must give the "
+    "checkpoint's label (0..1)."))]
+MaxDrop = Annotated[float, typer.Option("--max-drop", help=(
+    "onnx-int8/openvino/openvino-int8: the most validation accuracy the export may lose, in percentage points."))]
 
 
 def export(
@@ -179,9 +200,16 @@ def export(
     deprecated_format: ExportToDeprecated = None,
     output: ExportFile = None,
     check_images: CheckImages = None,
+    calibrate: CalibrateFolder = None,
+    calibration_images: CalibrationImages = 300,
+    min_agreement: MinAgreement = 0.99,
+    max_drop: MaxDrop = 1.0,
     out_fmt: PrintFormat = TableOrJson.table,
 ) -> None:
-    """Export a checkpoint to TorchScript or ONNX (labels and preprocessing inside), checked against PyTorch."""
+    """Export a checkpoint to TorchScript, ONNX or OpenVINO, fp32 or int8 (labels and preprocessing inside),
+    checked against the checkpoint."""
+    from rescli.inference.checked_export import Calibration
+    from rescli.inference.deploy_check import Limits
     from rescli.inference.export import export_model
 
     if deprecated_format is not None:
@@ -189,7 +217,9 @@ def export(
         if to_given and to != deprecated_format:
             raise UsageError(f"--to {to.value} and --format {deprecated_format.value}: give --to alone")
         to = deprecated_format
-    result = export_model(model=model, fmt=to.value, output=output, check_images=check_images)
+    result = export_model(model=model, fmt=to.value, output=output, check_images=check_images,
+                          calibration=Calibration(folder=calibrate, count=calibration_images),
+                          limits=Limits(min_agreement=min_agreement, max_drop=max_drop))
     if out_fmt == TableOrJson.json:
         console.print_json(result)
     else:
@@ -197,7 +227,7 @@ def export(
             console.out.print(line, markup=False)
     if "parity" in result:
         console.warn(result["parity"])
-    elif "max_abs_diff_real" not in result:
+    elif "max_abs_diff_real" not in result and "deployment" not in result:
         console.warn("parity checked on random images only: the training folder is gone; pass --check-images "
                      "FOLDER to check real ones")
     if deprecated_format is not None:  # said last: a failed export still ends with its one line of error
@@ -206,10 +236,32 @@ def export(
 
 def _export_lines(result: dict[str, Any]) -> list[str]:
     lines = [f"wrote {result['output']} ({result['format']}, {result['classes']} classes, {result['img_size']} px)"]
+    if "weights" in result:
+        lines.append(f"wrote {result['weights']} (its weights: keep it beside {Path(result['output']).name})")
+    if "deployment" in result:
+        return lines + _check_lines(result["deployment"])
     for key, what in (("max_abs_diff_random", "random images"),
                       ("max_abs_diff_real", f"{result.get('real_images')} real images")):
         if key in result:
             lines.append(f"max |logit difference| vs PyTorch, {what}: {result[key]:.3g}")
+    return lines
+
+
+def _check_lines(deployment: dict[str, Any]) -> list[str]:
+    """The check an onnx-int8/openvino export passed, as export prints it (info shows the same figures)."""
+    check, quantisation = deployment["check"], deployment.get("quantisation")
+    lines = []
+    if quantisation:
+        lines.append(f"int8 calibrated on {quantisation['calibration_images']} images of "
+                     f"{quantisation['calibration_source']}")
+    lines.append(f"checked on {check['images']} {check['on']}:")
+    lines.append(f"  label agreement with the checkpoint: {100 * check['agreement']:.2f}%")
+    if "accuracy_export" in check:
+        lines.append(f"  accuracy: checkpoint {100 * check['accuracy_checkpoint']:.2f}%, export "
+                     f"{100 * check['accuracy_export']:.2f}% ({check['accuracy_drop_points']:+.2f} points lost)")
+    lines.append(f"  largest score difference: {check['max_score_difference']:.4f}")
+    if check.get("unreadable"):
+        lines.append(f"  {check['unreadable']} image(s) could not be read and were left out")
     return lines
 
 
@@ -219,14 +271,17 @@ Examples:
     rescli info runs/run1/best.pt
     rescli info runs/run1                # a run folder: its best.pt
     rescli info model.onnx --format json | jq .classes
+    rescli info model.int8.xml --format json | jq .check.agreement
 
 info loads the file and checks what it says about itself (classes against the model's
-outputs, image size, mean/std, temperature). A checkpoint is read as data only, whatever
+outputs, image size, mean/std, temperature). For onnx-int8 and OpenVINO exports it also shows
+how they were quantised and how they compared with the checkpoint on its validation split
+(label agreement, accuracy of both, the largest score difference). A checkpoint is read as data only, whatever
 it holds; a .ts/.torchscript file is a TorchScript program, which runs when it is opened,
 even by info: open only your own.
 """
 
-ModelToDescribe = Annotated[Path, typer.Argument(help="Checkpoint (.pt), run folder, or export (.ts, .onnx). "
+ModelToDescribe = Annotated[Path, typer.Argument(help="Checkpoint (.pt), run folder, or export (.ts, .onnx, .xml). "
                                                       + TRUST_NOTE)]
 
 
