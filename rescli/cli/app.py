@@ -15,6 +15,7 @@ import typer
 
 import rescli.cli.console as console
 from rescli import __version__
+from rescli.cli.commands import bench as bench_commands
 from rescli.cli.commands import data, evaluation, experiments, inference, train
 from rescli.cli.entry import run
 
@@ -48,6 +49,7 @@ app.command("predict", epilog=inference.PREDICT_EPILOG)(inference.predict)
 app.command("degradation", epilog=experiments.DEGRADATION_EPILOG)(experiments.degradation)
 app.command("export", epilog=inference.EXPORT_EPILOG)(inference.export)
 app.command("info", epilog=inference.INFO_EPILOG)(inference.info)
+app.command("bench", epilog=bench_commands.BENCH_EPILOG)(bench_commands.bench)
 
 
 def _version(value: bool) -> None:
