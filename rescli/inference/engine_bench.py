@@ -96,7 +96,7 @@ def _chosen_engines(engines: Sequence[str] | None) -> list[str]:
 
 def cpu_description() -> dict[str, Any]:
     """The CPU's name, the features that decide which engine and precision are fast, and the cores rescli may use."""
-    name, flags = "unknown CPU", set()
+    name, flags = "unknown CPU", set[str]()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
