@@ -66,15 +66,18 @@ def bench_table(result: dict[str, Any]) -> Table:
              f"{cpu['name']} ({', '.join(cpu['features']) or 'no AVX2'}), {cpu['cpus']} CPU(s), "
              f"{cpu['threads']} thread(s)")
     table = Table(title=title)
+    skipped: list[str] = []
     table.add_column("engine", no_wrap=True)
     for column in ("e2e img/s", "x default", "model img/s", "e2e/model", "agree", "setup s"):
         table.add_column(column, justify="right")
     for row in result["rows"]:
         name = row["engine"] + (f": {row['precision']}" if "precision" in row else "")
         if "skipped" in row:
-            table.add_row(name, f"skipped: {row['skipped']}", *[""] * 5)
+            skipped.append(f"{name}: {row['skipped']}")
             continue
         table.add_row(name, f"{row['end_to_end_img_s']:.1f}", f"{row['vs_default']:.2f}",
                       f"{row['model_only_img_s']:.1f}", f"{row['of_model_bound']:.2f}",
                       f"{100 * row['agreement']:.1f}%", f"{row['setup_s']:.1f}")
+    if skipped:
+        table.caption = "skipped: " + "; ".join(skipped)
     return table

@@ -208,7 +208,7 @@ def export(
 ) -> None:
     """Export a checkpoint to TorchScript, ONNX or OpenVINO, fp32 or int8 (labels and preprocessing inside),
     checked against the checkpoint."""
-    from rescli.inference.checked_export import Calibration
+    from rescli.inference.checked_export import CHECKED_FORMATS, Calibration
     from rescli.inference.deploy_check import Limits
     from rescli.inference.export import export_model
 
@@ -217,9 +217,13 @@ def export(
         if to_given and to != deprecated_format:
             raise UsageError(f"--to {to.value} and --format {deprecated_format.value}: give --to alone")
         to = deprecated_format
-    result = export_model(model=model, fmt=to.value, output=output, check_images=check_images,
-                          calibration=Calibration(folder=calibrate, count=calibration_images),
-                          limits=Limits(min_agreement=min_agreement, max_drop=max_drop))
+    checked: dict[str, Any] = {}
+    if to.value in CHECKED_FORMATS:
+        checked = {"calibration": Calibration(folder=calibrate, count=calibration_images),
+                   "limits": Limits(min_agreement=min_agreement, max_drop=max_drop)}
+    else:
+        _refuse_check_options(ctx, to.value)
+    result = export_model(model=model, fmt=to.value, output=output, check_images=check_images, **checked)
     if out_fmt == TableOrJson.json:
         console.print_json(result)
     else:
@@ -232,6 +236,15 @@ def export(
                      "FOLDER to check real ones")
     if deprecated_format is not None:  # said last: a failed export still ends with its one line of error
         console.warn(f"export --format is now --to (--to {to.value}); --format will go in a later version")
+
+
+def _refuse_check_options(ctx: typer.Context, fmt: str) -> None:
+    """The calibration and check options mean nothing to torchscript and onnx (checked by logit parity instead)."""
+    for name, flag in (("calibrate", "--calibrate"), ("calibration_images", "--calibration-images"),
+                       ("min_agreement", "--min-agreement"), ("max_drop", "--max-drop")):
+        if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE":
+            raise UsageError(f"{flag} is for --to onnx-int8, openvino and openvino-int8; --to {fmt} is checked by "
+                             f"its logits matching the checkpoint's instead")
 
 
 def _export_lines(result: dict[str, Any]) -> list[str]:
