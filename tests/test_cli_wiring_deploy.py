@@ -87,6 +87,8 @@ def test_check_options_are_refused_for_parity_checked_formats(library, tmp_path)
     for flags in (("--calibrate", "x"), ("--min-agreement", "0.9"), ("--max-drop", "2")):
         res = run_cli("export", "run", "--to", "onnx", *flags)
         assert res.code == 2 and f"{flags[0]} is for --to onnx-int8, openvino and openvino-int8" in res.err
+    res = run_cli("export", "run", "--to", "openvino-int8", "--check-images", "photos")
+    assert res.code == 2 and "--check-images is for --to torchscript and onnx" in res.err
 
 
 def test_info_shows_the_check_figures(library, tmp_path):

@@ -219,6 +219,9 @@ def export(
         to = deprecated_format
     checked: dict[str, Any] = {}
     if to.value in CHECKED_FORMATS:
+        if check_images:
+            raise UsageError(f"--check-images is for --to torchscript and onnx; --to {to.value} is checked on the "
+                             f"checkpoint's validation split (and calibrated on --calibrate DATA_DIR, if given)")
         checked = {"calibration": Calibration(folder=calibrate, count=calibration_images),
                    "limits": Limits(min_agreement=min_agreement, max_drop=max_drop)}
     else:
