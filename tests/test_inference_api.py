@@ -37,9 +37,10 @@ def test_export_model_takes_to_as_the_new_name_of_fmt(small_checkpoint, tmp_path
     assert both["format"] == "torchscript"
     with pytest.raises(UsageError, match="give the format once"):
         export_model(model=small_checkpoint, to="onnx", fmt="torchscript", output=tmp_path / "x.onnx")
-    with pytest.raises(UsageError, match=r"^--to 'tflite': expected one of torchscript, onnx$"):
+    formats = "torchscript, onnx, onnx-int8, openvino, openvino-int8"
+    with pytest.raises(UsageError, match=rf"^--to 'tflite': expected one of {formats}$"):
         export_model(model=small_checkpoint, to="tflite")
-    with pytest.raises(UsageError, match=r"^--format 'tflite': expected one of torchscript, onnx$"):
+    with pytest.raises(UsageError, match=rf"^--format 'tflite': expected one of {formats}$"):
         export_model(model=small_checkpoint, fmt="tflite")
     with pytest.raises(UsageError, match="no export format given"):
         export_model(model=small_checkpoint)
