@@ -50,11 +50,13 @@ def test_confident_learning_flags_images_counted_under_another_class():
         [0.9, 0.1], [0.8, 0.2], [0.7, 0.3],  # given 0, look like 0
         [0.2, 0.8], [0.1, 0.9],  # given 1, look like 1
         [0.95, 0.05],  # given 1, looks like 0: the issue
-        [0.5, 0.5],  # given 0, reaches neither threshold confidently enough to move
+        [0.5, 0.5],  # given 0, reaches neither threshold and is not preferred elsewhere
+        [0.3, 0.7],  # given 0, counted under 1
     ])
-    given = np.array([0, 0, 0, 1, 1, 1, 0])
+    given = np.array([0, 0, 0, 1, 1, 1, 0, 0])
     ranking = rank_label_issues(probs, given)
-    assert ranking.flagged.tolist() == [False, False, False, False, False, True, False]
+    assert ranking.flagged.tolist() == [False, False, False, False, False, True, False, True]
+    assert int(ranking.suggested[7]) == 1
     assert int(ranking.order[0]) == 5 and int(ranking.suggested[5]) == 0
     assert np.isclose(ranking.score[5], 0.95)
 
