@@ -118,6 +118,7 @@ def open_network(
     if kind == "onnx":
         raise UsageError(NO_LAYERS.format(path=path, what=what))
     runtime = select_runtime(device=device, precision=precision)
+    module: Any
     if kind == "torchscript":
         module, meta = open_torchscript(path, device=runtime.device)
     else:

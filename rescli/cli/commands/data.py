@@ -39,7 +39,6 @@ def dataset(
     """Show what DATA_DIR holds, exactly as finetune sees it: classes, counts per split, broken and ignored files,
     image sizes, class imbalance, and identical files across splits (leakage) or classes (label conflicts)."""
     from rescli.data.report import describe_dataset
-
     from rescli.insight.reports import near_duplicate_embedder
 
     embed = near_duplicate_embedder(near_duplicates, model)
