@@ -116,6 +116,9 @@ def test_peak_xy_maps_the_input_square_back_to_the_picture():
     cam[3, 0] = 1.0
     x, y = peak_xy(cam, img_size=32, width=100, height=300)  # central square from y = 100
     assert 0 <= x < 25 and 175 <= y < 200
+    cam = torch.zeros(4, 4)
+    cam[0, 0] = 1.0  # a corner cell: upsampled, its value stays flat out to the border
+    assert peak_xy(cam, img_size=32, width=32, height=32) == [2, 2]  # the plateau's centre, not pixel (0, 0)
 
 
 def test_gradcam_of_a_pooled_linear_head_is_the_class_activation_map():

@@ -94,7 +94,11 @@ def peak_xy(cam: torch.Tensor, *, img_size: int, width: int, height: int) -> lis
     The model saw the central square resized to img_size, so the peak's input pixel is mapped back through that.
     """
     big = upsampled(cam, img_size)
-    v, u = divmod(int(torch.argmax(big)), img_size)
+    # The centre of the top plateau, not its first pixel: bilinear upsampling holds an edge cell's value flat out
+    # to the border, where argmax alone would put every corner peak on pixel (0, 0).
+    top_value = float(big.max())
+    rows, cols = torch.nonzero(big >= top_value - 1e-6 * max(1.0, abs(top_value)), as_tuple=True)
+    v, u = float(rows.float().mean()), float(cols.float().mean())
     left, top, side = square_box(width, height)
     scale = side / img_size
     x = min(width - 1, max(0, int(left + (u + 0.5) * scale)))

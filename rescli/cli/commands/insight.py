@@ -152,7 +152,7 @@ Examples:
 
 Similarity is the cosine of the two embeddings (1 = the same direction). A query found in the
 collection is not listed as its own neighbour. With faiss installed (pip install 'rescli[faiss]'),
-collections of 20,000+ vectors are searched by faiss, which is faster there (docs/insight.md).
+collections of 1,000+ vectors are searched by faiss, which is faster there (docs/insight.md).
 """
 
 Collection = Annotated[str, typer.Option(
