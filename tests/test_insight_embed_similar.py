@@ -138,3 +138,14 @@ def test_faiss_gives_the_same_neighbours_where_installed():
     a = VectorIndex(stored, backend="sklearn").search(queries, 3)
     b = VectorIndex(stored, backend="faiss").search(queries, 3)
     assert np.array_equal(a[1], b[1]) and np.allclose(a[0], b[0], atol=1e-5)
+
+
+def test_similar_keeps_input_order_with_a_broken_query(trained_run, tmp_path):
+    data = make_class_folder(tmp_path / "imgs", per_class=2)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"nope")
+    queries = [str(data / "red" / "img_000.png"), str(broken), str(data / "blue" / "img_001.png")]
+    res = run_cli("similar", trained_run, *queries, "--in", data, "-k", "1", "--format", "jsonl")
+    assert res.code == 1
+    rows = [json.loads(line) for line in res.out.splitlines()]
+    assert [r["query"] for r in rows] == queries and "error" in rows[1] and rows[2]["rank"] == 1

@@ -4,7 +4,7 @@ raw, batch by batch in input order, so any number of inputs streams through in c
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ class EmbeddedBatch:
     paths: list[str]  # the inputs that decoded, in input order
     vectors: np.ndarray  # float32 [len(paths), D]
     errors: list[dict[str, Any]]  # {"path", "error"} for the inputs that did not
+    order: list[int] = field(default_factory=list)  # per input, in input order: i >= 0 paths[i], -1 - i errors[i]
 
 
 def embed_batches(
@@ -29,12 +30,16 @@ def embed_batches(
     for items in decoded_batches(paths, load=load, batch_size=batch_size, workers=workers):
         good = [(path, got[1]) for path, got, _ in items if got is not None]
         errors = [{"path": path, "error": error} for path, got, error in items if got is None]
+        order, kept, failed = [], 0, 0
+        for _, got, _ in items:
+            order.append(kept if got is not None else -1 - failed)
+            kept, failed = kept + (got is not None), failed + (got is None)
         vectors = np.zeros((0, 0), dtype=np.float32)
         if good:
             vectors = net.features(torch.stack([image for _, image in good])).numpy()
             if not raw:
                 vectors = normalised(vectors)
-        yield EmbeddedBatch([path for path, _ in good], vectors.astype(np.float32, copy=False), errors)
+        yield EmbeddedBatch([path for path, _ in good], vectors.astype(np.float32, copy=False), errors, order)
 
 
 def normalised(vectors: np.ndarray) -> np.ndarray:

@@ -61,6 +61,9 @@ def heatmaps_for_model(model: str | os.PathLike) -> Heatmaps | None:
         except RescliError as exc:  # the figure is still drawn, without heatmaps
             events.info(f"top_losses.png without heatmaps: {exc}")
             return {}
+        except Exception as exc:  # an optional layer on one figure must never cost a run its final evaluation
+            events.warn(f"top_losses.png without heatmaps: {type(exc).__name__}: {exc}")
+            return {}
 
     return draw
 

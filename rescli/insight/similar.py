@@ -111,11 +111,15 @@ def similar_batches(
         raise UsageError("-k must be at least 1")
     keys = [os.path.abspath(p) for p in paths]
     for batch in embed_batches(queries, net=net, batch_size=batch_size, workers=workers):
-        rows: list[dict[str, Any]] = [{"query": e["path"], "error": e["error"]} for e in batch.errors]
+        found: list[list[dict[str, Any]]] = []
         if batch.paths:
             sims, idx = index.search(batch.vectors, k + 1)
-            for query, query_sims, query_idx in zip(batch.paths, sims, idx):
-                rows += _neighbours(query, query_sims, query_idx, paths=paths, keys=keys, k=k)
+            found = [_neighbours(query, query_sims, query_idx, paths=paths, keys=keys, k=k)
+                     for query, query_sims, query_idx in zip(batch.paths, sims, idx)]
+        rows: list[dict[str, Any]] = []
+        for at in batch.order:  # in input order, a failed query where it came
+            error = batch.errors[-1 - at] if at < 0 else None
+            rows += found[at] if error is None else [{"query": error["path"], "error": error["error"]}]
         yield rows
 
 

@@ -1,6 +1,6 @@
 """`rescli dataset`: what a data folder holds, exactly as finetune sees it."""
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -41,9 +41,13 @@ def dataset(
     from rescli.data.report import describe_dataset
     from rescli.insight.reports import near_duplicate_embedder
 
-    embed = near_duplicate_embedder(near_duplicates, model)
+    # Passed only when chosen, so that describe_dataset's own default (phash, no model) decides otherwise.
+    chosen = near_duplicates != "phash" or model is not None
+    near: dict[str, Any] = {}
+    if chosen:
+        near = {"near_duplicates": near_duplicates, "embed": near_duplicate_embedder(near_duplicates, model)}
     report = describe_dataset(data_dir, val_split=val_split, seed=seed, workers=workers, progress=_images_checked,
-                              near_duplicates=near_duplicates, embed=embed)
+                              **near)
     if fmt == TableOrJson.json:
         console.print_json(report)
         return
