@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from rescli.core import events
 from rescli.core.cpus import available_cpus
 from rescli.core.fileio import atomic_write_text
 from rescli.data.checks import default_cache_dir
@@ -87,8 +86,8 @@ def hash_all(paths: Sequence[str], sha1s: Sequence[str], *, workers: int | None 
     if fresh:
         try:
             atomic_write_text(cache_file, json.dumps(cache))
-        except OSError as exc:  # the cache only saves time
-            events.warn(f"could not write the perceptual-hash cache {cache_file}: {exc.strerror or exc}")
+        except OSError:  # the cache only saves time; it shares its folder with the image check's, which warns once
+            pass
     return [fresh[i] if i in fresh else _from_hex(cache[sha1s[i]]) for i in range(len(paths))]
 
 
