@@ -416,7 +416,7 @@ def test_shell_completion(cli, tmp_path):
            "COMP_CWORD": "3"}
     res = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=60)
     assert res.stdout.split() == ["table", "jsonl", "json", "csv", "tsv"]
-    env.update(COMP_WORDS="rescli ex", COMP_CWORD="1")
+    env.update(COMP_WORDS="rescli expo", COMP_CWORD="1")  # ("ex" is export and explain)
     assert subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=60).stdout.split() == ["export"]
     home = tmp_path / "home"
     home.mkdir()

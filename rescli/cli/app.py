@@ -16,7 +16,7 @@ import typer
 import rescli.cli.console as console
 from rescli import __version__
 from rescli.cli.commands import bench as bench_commands
-from rescli.cli.commands import data, evaluation, experiments, inference, train
+from rescli.cli.commands import data, evaluation, experiments, inference, insight, train
 from rescli.cli.entry import run
 
 app = typer.Typer(
@@ -50,6 +50,11 @@ app.command("degradation", epilog=experiments.DEGRADATION_EPILOG)(experiments.de
 app.command("export", epilog=inference.EXPORT_EPILOG)(inference.export)
 app.command("info", epilog=inference.INFO_EPILOG)(inference.info)
 app.command("bench", epilog=bench_commands.BENCH_EPILOG)(bench_commands.bench)
+# What the model sees, which images look alike, which labels are wrong (rescli.cli.commands.insight).
+app.command("explain", epilog=insight.EXPLAIN_EPILOG)(insight.explain)
+app.command("embed", epilog=insight.EMBED_EPILOG)(insight.embed)
+app.command("similar", epilog=insight.SIMILAR_EPILOG)(insight.similar)
+app.command("label-issues", epilog=insight.LABEL_ISSUES_EPILOG)(insight.label_issues)
 
 
 def _version(value: bool) -> None:

@@ -125,9 +125,11 @@ def dataset_tables(report: dict[str, Any]) -> list[Table]:
         out.append(_reasons_table("ignored (not images or not regular files, hidden, outside any class folder, or "
                                   "counted elsewhere)", ("path", "why"), report["ignored_reasons"]))
     if report["duplicates"]:
-        dups = _table("identical files", ("kind", "files", "classes", "splits"), right_from=4)
+        # Issue #16: near-duplicates (the same picture resized, re-encoded or cropped) are marked "(near)".
+        dups = _table("identical and near-identical files", ("kind", "files", "classes", "splits"), right_from=4)
         for g in report["duplicates"]:
-            dups.add_row(g["kind"], shown("\n".join(g["paths"])), shown(", ".join(g["classes"])),
+            dups.add_row(g["kind"] + (" (near)" if g.get("near") else ""), shown("\n".join(g["paths"])),
+                         shown(", ".join(g["classes"])),
                          ", ".join(g["splits"]))
         out.append(dups)
     return out

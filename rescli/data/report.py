@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+from rescli.data.near_duplicates import Embed, near_duplicate_groups, with_near_duplicates
 from rescli.data.scan import DatasetIndex, scan_dataset
 
 SPLIT_ORDER = ("train", "val", "test")
@@ -22,12 +23,16 @@ def describe_dataset(
     seed: int = 0,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    near_duplicates: str = "phash",
+    embed: Embed | None = None,
 ) -> dict[str, Any]:
     """A JSON-able report of ``data_dir``; raises RescliError where `finetune` would refuse the folder.
 
     Keys: root, layout, classes (name -> usable images over all splits), splits (split -> name -> count), images,
     broken (relative paths), broken_reasons, ignored, ignored_reasons, empty_classes, sizes, imbalance_ratio,
     duplicates, warnings (what finetune would warn of: a class that no validation image measures).
+
+    ``near_duplicates``: phash, embeddings (``embed``: paths -> unit vectors), both, or none (exact ones only).
     """
     index = scan_dataset(data_dir, val_split=val_split, seed=seed, workers=workers, progress=progress)
     splits = {s: index.counts(s) for s in SPLIT_ORDER if s in index.splits}
@@ -44,6 +49,9 @@ def describe_dataset(
         "smallest": _size_entry(index, smallest),
         "largest": _size_entry(index, largest),
     }
+    # Issue #16: near-duplicates (resized, re-encoded, cropped) beside the exact ones; rescli.data.near_duplicates.
+    duplicates = with_near_duplicates(find_duplicates(index, used), near_duplicate_groups(
+        index, used, method=near_duplicates, embed=embed, workers=workers))
     present = [n for n in classes.values() if n > 0]
     imbalance = round(max(present) / min(present), 3) if present else None
 
@@ -61,7 +69,7 @@ def describe_dataset(
         "empty_classes": sorted(set(index.empty_classes)),
         "sizes": sizes,
         "imbalance_ratio": imbalance,
-        "duplicates": find_duplicates(index, used),
+        "duplicates": duplicates,
         "warnings": list(index.warnings),
     }
 

@@ -7,7 +7,7 @@ import csv
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -65,12 +65,13 @@ def write_evaluation(
     history: list[dict[str, Any]] | None = None,
     extra: dict[str, Any] | None = None,
     report: bool = True,
+    heatmaps: Callable[[list[dict[str, Any]]], dict[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Compute the metrics of ``ev`` and write every evaluation artefact into ``out_dir``; return the metrics.
 
     ``fit=True`` fits a temperature on ``ev`` (use it on the validation split only); otherwise ``temperature``
     (default 1.0) is applied as given. The returned dict is what metrics.json holds; its ``temperature`` is what a
-    checkpoint should store.
+    checkpoint should store. ``heatmaps``: the worst mistakes' heatmaps for top_losses.png (rescli.insight.reports).
     """
 
     out = Path(out_dir)
@@ -88,7 +89,7 @@ def write_evaluation(
     try:
         write_predictions_csv(out / "predictions.csv", per_sample(ev, classes, temperature=t))
         if n:
-            _write_figures(out, ev, classes, metrics, temperature=t)
+            _write_figures(out, ev, classes, metrics, temperature=t, heatmaps=heatmaps)
         if history is not None:
             plot_curves(history, out / "curves.png")
         atomic_write_json(out / "metrics.json", metrics)
@@ -100,12 +101,15 @@ def write_evaluation(
 
 
 def _write_figures(
-    out: Path, ev: EvalResult, classes: list[str], metrics: dict[str, Any], *, temperature: float
+    out: Path, ev: EvalResult, classes: list[str], metrics: dict[str, Any], *, temperature: float,
+    heatmaps: Callable[[list[dict[str, Any]]], dict[str, np.ndarray]] | None = None,
 ) -> None:
     """confusion_matrix.png, top_losses.png and reliability.png (before and after the temperature, if it is not 1)."""
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), classes, out / "confusion_matrix.png",
                           max_classes=MAX_PLOT_CLASSES)
-    plot_top_losses(metrics["top_losses"], out / "top_losses.png", max_items=TOP_LOSSES)
+    # Issue #16: each mistake drawn with the heatmap of its predicted label, where the model can be explained.
+    overlays = heatmaps(metrics["top_losses"][:TOP_LOSSES]) if heatmaps is not None else None
+    plot_top_losses(metrics["top_losses"], out / "top_losses.png", max_items=TOP_LOSSES, overlays=overlays)
     scaled = temperature != 1.0
     plot_reliability(softmax(ev.logits, temperature), ev.y_true, out / "reliability.png", n_bins=ECE_BINS,
                      temperature=temperature if scaled else None, logits=ev.logits if scaled else None)

@@ -20,6 +20,7 @@ from rescli.evaluation.selection import (
     training_record,
 )
 from rescli.inference.load import load_predictor
+from rescli.insight.reports import heatmaps_for_model
 
 
 def evaluate_folder(
@@ -80,7 +81,7 @@ def evaluate_folder(
         metrics.update(extra)
     else:
         metrics = write_evaluation(out_dir=out_dir, ev=ev, classes=predictor.classes, temperature=temperature,
-                                   extra=extra)
+                                   extra=extra, heatmaps=heatmaps_for_model(model))  # issue #16: mistakes' heatmaps
     return metrics, ev, out_dir
 
 

@@ -171,8 +171,13 @@ def _load_thumbnail(path: object, size: int = 256) -> np.ndarray | None:
         return None
 
 
-def plot_top_losses(items: list[dict], path: str | os.PathLike, *, max_items: int = 16) -> Path:
-    """Grid of the highest-loss images titled ``true → predicted (score)``; unreadable files become grey tiles."""
+def plot_top_losses(items: list[dict], path: str | os.PathLike, *, max_items: int = 16,
+                    overlays: dict[str, np.ndarray] | None = None) -> Path:
+    """Grid of the highest-loss images titled ``true → predicted (score)``; unreadable files become grey tiles.
+
+    ``overlays``: {path: picture with the heatmap of its predicted label} (issue #16, rescli.insight.reports),
+    drawn instead of the plain picture.
+    """
     items = sorted(items or [], key=_highest_loss_first)[: max(0, int(max_items))]
     if not items:
         return message_figure(path, "no mistakes", title="Top losses")
@@ -180,12 +185,15 @@ def plot_top_losses(items: list[dict], path: str | os.PathLike, *, max_items: in
     cols = min(4, n)
     rows = math.ceil(n / cols)
     title = f"Top {n} losses (true {ARROW} predicted (probability of predicted))"
+    if overlays:
+        title += "\nheatmap: where the model looked for the predicted label (Grad-CAM)"
     fig = new_figure(3.0 * cols, 3.2 * rows + 0.5)
     fig.suptitle(title, fontsize=11)
     grey = np.full((64, 64, 3), 200, dtype=np.uint8)
     for k, item in enumerate(items):
         ax = fig.add_subplot(rows, cols, k + 1)
-        thumb = _load_thumbnail(item.get("path"))
+        thumb = (overlays or {}).get(str(item.get("path"))) if overlays else None
+        thumb = thumb if thumb is not None else _load_thumbnail(item.get("path"))
         ax.imshow(grey if thumb is None else thumb)
         if thumb is None:
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes, color="dimgray")

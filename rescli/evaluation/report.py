@@ -20,6 +20,7 @@ from rescli.core.errors import RescliError
 from rescli.core.fileio import atomic_write_text
 from rescli.evaluation.confusion import confusion_subset, most_confused
 from rescli.evaluation.html_blocks import document, escape, kv_table, not_available, number, png_img
+from rescli.insight.reports import label_issues_html
 
 FIGURES = {
     "curves": "curves.png",
@@ -321,6 +322,8 @@ def _sections(
          _figure(run_path, "top_losses", f"highest-loss {what}") + _top_losses_table(metrics)),
         ("calibration", "Calibration", _calibration_section(run_path, metrics)),
     ]
+    if "label_issues" in metrics:  # issue #16: a finetune run's validation suspects (rescli.insight.reports)
+        sections.append(("label-issues", "Label issues (validation split)", label_issues_html(metrics["label_issues"])))
     if evaluated is not None and eval_folder:
         sections.append(("evaluation", "Evaluation", kv_table(evaluated)))
     else:

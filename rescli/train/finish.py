@@ -14,6 +14,7 @@ from torch import nn
 
 from rescli.evaluation.artefacts import write_evaluation
 from rescli.evaluation.evaluate import run_eval
+from rescli.insight.reports import heatmaps_for_model, validation_suspects
 from rescli.models.checkpoint import load_checkpoint, save_checkpoint
 from rescli.train.distributed import DistContext, on_main, shared
 from rescli.train.interrupts import Interrupted, interrupt_raises
@@ -57,7 +58,10 @@ def write_final_evaluation(
         out_dir=run_dir, ev=ev, classes=records.classes, fit=True, history=state.history,
         extra={
             "best_epoch": state.best_epoch + 1, "epochs_run": len(state.history), "stopped_early": state.stopped_early,
+            # Issue #16: the validation images whose label best.pt doubts most (rescli.insight.reports).
+            "label_issues": validation_suspects(ev.logits, ev.y_true, ev.paths, records.classes),
         },
+        heatmaps=heatmaps_for_model(run_dir / "best.pt"),  # issue #16: top_losses.png shows where it looked
     )
     best = load_checkpoint(run_dir / "best.pt")
     best["metrics"] = metrics

@@ -1,6 +1,6 @@
 """`rescli dataset`: what a data folder holds, exactly as finetune sees it."""
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -18,6 +18,11 @@ Examples:
     rescli dataset ./images --val-split 0.3   # as finetune --val-split 0.3
 """
 
+# Issue #16: near-duplicates by perceptual hash and/or a model's embeddings (rescli.data.near_duplicates).
+NearDuplicates = Annotated[str, typer.Option("--near-duplicates", help=(
+    "phash (resized, re-encoded), embeddings (also crops; needs --model), both, or none."))]
+NearModel = Annotated[Optional[str], typer.Option("--model", "-m", help=(
+    "Checkpoint, run folder or .ts export whose embeddings find near-duplicates (--near-duplicates embeddings)."))]
 CheckThreads = Annotated[Optional[int], typer.Option(
     "--workers", help="Threads that check images [default: one per core].")]
 
@@ -28,12 +33,21 @@ def dataset(
     seed: Seed = 0,
     workers: CheckThreads = None,
     fmt: OutputFormat = TableOrJson.table,
+    near_duplicates: NearDuplicates = "phash",
+    model: NearModel = None,
 ) -> None:
     """Show what DATA_DIR holds, exactly as finetune sees it: classes, counts per split, broken and ignored files,
     image sizes, class imbalance, and identical files across splits (leakage) or classes (label conflicts)."""
     from rescli.data.report import describe_dataset
+    from rescli.insight.reports import near_duplicate_embedder
 
-    report = describe_dataset(data_dir, val_split=val_split, seed=seed, workers=workers, progress=_images_checked)
+    # Passed only when chosen, so that describe_dataset's own default (phash, no model) decides otherwise.
+    chosen = near_duplicates != "phash" or model is not None
+    near: dict[str, Any] = {}
+    if chosen:
+        near = {"near_duplicates": near_duplicates, "embed": near_duplicate_embedder(near_duplicates, model)}
+    report = describe_dataset(data_dir, val_split=val_split, seed=seed, workers=workers, progress=_images_checked,
+                              **near)
     if fmt == TableOrJson.json:
         console.print_json(report)
         return
