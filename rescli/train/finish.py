@@ -1,5 +1,6 @@
-"""The tail of a run, after its last epoch: best.pt evaluated on the validation split, its temperature fitted,
-and metrics.json, predictions.csv, the figures and report.html written; run.json then marks the run finished.
+"""The tail of a run, after its last epoch: best.pt evaluated on the validation split, its temperature fitted (and,
+multi-label, each class's threshold tuned), and metrics.json, predictions.csv, the figures and report.html written;
+run.json then marks the run finished.
 
 Every file of the tail is written atomically and best.pt last, so an interrupt here loses nothing: --resume
 sees that run.json is not marked finished and runs the tail again."""
@@ -62,6 +63,8 @@ def write_final_evaluation(
     best = load_checkpoint(run_dir / "best.pt")
     best["metrics"] = metrics
     best["temperature"] = float(metrics["temperature"])
+    if "thresholds" in metrics:  # multi-label: what predict decides each class by
+        best["thresholds"] = [float(t) for t in metrics["thresholds"]]
     save_checkpoint(best, run_dir / "best.pt")
     records.write_run_info({**run_info, "finished": True})  # --resume: nothing left to do
     return metrics
