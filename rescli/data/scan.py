@@ -182,8 +182,8 @@ def _table_samples(index: DatasetIndex) -> dict[str, list[Sample]]:
         if unknown:
             raise RescliError(f"{table}, line {row.line}: label {shown_name(unknown[0])!r} of a {row.split} row is "
                               f"in no training row (the model could never predict it); add training rows for it")
-        ids = tuple(sorted(lookup[name] for name in row.labels))
-        labelled.setdefault(row.split or "train", []).append((row.path, ids if index.task is MULTI else ids[0]))
+        labelled.setdefault(row.split or "train", []).append(
+            (row.path, index.task.from_indices([lookup[name] for name in row.labels])))
     index.warnings += _looks_multi_label(index)
     return labelled
 

@@ -54,6 +54,10 @@ class Task:
         """The label as a checkpoint stores it (weights-only loadable: ints and lists)."""
         raise NotImplementedError
 
+    def from_indices(self, indices: Sequence[int]) -> Label:
+        """The label of an image with the classes ``indices`` (single-label: exactly one)."""
+        raise NotImplementedError
+
     def from_record(self, value: Any) -> Label:
         raise NotImplementedError
 
@@ -77,6 +81,10 @@ class SingleLabel(Task):
     def record(self, label: Label) -> int:
         return int(label)  # type: ignore[arg-type]
 
+    def from_indices(self, indices: Sequence[int]) -> int:
+        (only,) = indices
+        return int(only)
+
     def from_record(self, value: Any) -> int:
         return int(value)
 
@@ -98,6 +106,9 @@ class MultiLabel(Task):
 
     def record(self, label: Label) -> list[int]:
         return [int(i) for i in self.classes_of(label)]
+
+    def from_indices(self, indices: Sequence[int]) -> tuple[int, ...]:
+        return tuple(sorted(int(i) for i in indices))
 
     def from_record(self, value: Any) -> tuple[int, ...]:
         return tuple(sorted(int(i) for i in value)) if isinstance(value, (list, tuple)) else (int(value),)
