@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
-
-import torch
+from typing import TYPE_CHECKING, Any, Union
 
 from rescli.core.errors import RescliError
+
+if TYPE_CHECKING:  # torch is imported where a target is made: reading a folder or a table stays light
+    import torch
 
 SINGLE_LABEL = "single-label"
 
@@ -73,6 +74,8 @@ class SingleLabel(Task):
         return int(label)  # type: ignore[arg-type]
 
     def empty_targets(self, n_classes: int) -> torch.Tensor:
+        import torch
+
         return torch.zeros(0, dtype=torch.long)
 
     def classes_of(self, label: Label) -> tuple[int, ...]:
@@ -94,11 +97,15 @@ class MultiLabel(Task):
     activation = "sigmoid"
 
     def target(self, label: Label, n_classes: int) -> torch.Tensor:
+        import torch
+
         hot = torch.zeros(n_classes, dtype=torch.float32)
         hot[list(self.classes_of(label))] = 1.0
         return hot
 
     def empty_targets(self, n_classes: int) -> torch.Tensor:
+        import torch
+
         return torch.zeros(0, n_classes, dtype=torch.float32)
 
     def classes_of(self, label: Label) -> tuple[int, ...]:
