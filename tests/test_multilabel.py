@@ -130,7 +130,7 @@ def test_finetune_records_the_task_labels_and_tuned_thresholds(multi_run):
     header = (multi_run / "predictions.csv").read_text().splitlines()[0]
     assert header == "path,true,predicted,loss,correct,score:blue,score:green,score:red"
     report = (multi_run / "report.html").read_text()
-    assert "mAP (macro)" in report and "Confusion counts per class" in report and "binary cross-entropy" in report
+    assert "mAP (macro)" in report and "Confusion counts per class" in report and "Precision-recall curves" in report
     assert best["data"]["table"].endswith("labels.csv")
     assert all(isinstance(y, list) for y in best["data"]["splits"]["val"]["labels"])
 

@@ -65,6 +65,11 @@ class Task:
     def __repr__(self) -> str:
         return f"<task {self.name}>"
 
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # One instance per task, also in the other processes of a distributed run (an index is sent pickled):
+        # code asks ``task is MULTI``.
+        return task_named, (self.name,)
+
 
 class SingleLabel(Task):
     name = SINGLE_LABEL

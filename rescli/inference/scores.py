@@ -65,8 +65,9 @@ def multi_label_rows(
     paths: Sequence[str], logits: torch.Tensor, *, classes: Sequence[str], top_k: int, temperature: float,
     threshold: float | None, thresholds: Sequence[float] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per path: ``labels``, the classes whose probability reaches their threshold (possibly none), most
-    probable first; ``scores``, every class's probability; ``topk``, the ``top_k`` most probable classes.
+    """One row per path: ``labels``, the classes whose probability reaches their threshold (possibly none), in the
+    order of the model's classes (as a label table lists them); ``scores``, every class's probability; ``topk``, the
+    ``top_k`` most probable classes.
 
     ``threshold`` (one for every class) overrides ``thresholds`` (one per class; default 0.5 each).
     """
@@ -78,7 +79,7 @@ def multi_label_rows(
         order = sorted(range(len(classes)), key=lambda i: (-p[i], i))
         rows.append({
             "path": path,
-            "labels": [classes[i] for i in order if p[i] >= cut[i]],
+            "labels": [classes[i] for i in range(len(classes)) if p[i] >= cut[i]],
             "scores": {classes[i]: round(p[i], 6) for i in range(len(classes))},
             "topk": [{"label": classes[i], "score": round(p[i], 6)} for i in order[:k]],
         })
