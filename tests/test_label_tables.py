@@ -197,3 +197,29 @@ def test_relative_table_paths_work_from_anywhere(cli, tmp_path):
     res = cli("dataset", os.path.relpath(table, tmp_path / "w"), "--format", "json", cwd=tmp_path / "w")
     assert res.code == 0, res.err
     assert json.loads(res.out)["images"] == 12
+
+
+def test_label_sep_without_multi_label_is_a_usage_error(tmp_path):
+    table = make_single_label_table(tmp_path / "d", per_class=2)
+    with pytest.raises(UsageError, match="add --multi-label"):
+        scan_dataset(table, table=TableOptions(label_sep=";"))
+
+
+def test_evaluate_on_a_single_label_table_scores_the_rows_held_out_or_a_tables_test_rows(cli, tmp_path):
+    table = make_single_label_table(tmp_path / "d", per_class=6)
+    res = cli("finetune", table, *FAST, "--output", tmp_path / "run")
+    assert res.code == 0, res.err
+    held_out = cli("evaluate", tmp_path / "run", table, "--no-files", "--format", "json", "--workers", "0")
+    assert held_out.code == 0, held_out.err
+    metrics = json.loads(held_out.out)
+    assert (metrics["evaluated"]["split"], metrics["n"]) == ("val", 3)  # one of 6 a class (20%), held out by finetune
+    rows = [line.split(",") for line in table.read_text().splitlines()[1:]]
+    other = write_table(tmp_path / "d" / "other.csv", ["path", "label", "split"],
+                        [[p, c, "test" if i % 3 == 0 else "train"] for i, (p, c) in enumerate(rows)])
+    tested = cli("evaluate", tmp_path / "run", other, "--output", tmp_path / "eval", "--format", "json",
+                 "--workers", "0")
+    assert tested.code == 0, tested.err
+    assert json.loads(tested.out)["evaluated"]["split"] == "test" and json.loads(tested.out)["n"] == 6
+    assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
+    inside = cli("evaluate", tmp_path / "run", other, "--output", tmp_path / "d" / "eval")
+    assert inside.code == 2 and "inside the data folder" in inside.err

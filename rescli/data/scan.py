@@ -88,6 +88,8 @@ def scan_dataset(
     layout = detect_layout(source)
     options = table or TableOptions()
     if layout.kind == TABLE:
+        if options.label_sep != " " and not options.multi_label:
+            raise UsageError("--label-sep splits the labels of a multi-label table's rows: add --multi-label")
         index = _read_table(read_label_table(source, options=options), options)
     elif not options.default:
         raise UsageError(_not_a_table(source, options))

@@ -56,9 +56,7 @@ def evaluate_folder(
     predictor = load_predictor(model, device=device, precision=precision, compile=compile)
     record = training_record(predictor)
     settings = predictor.meta.get("settings", {})
-    table = TableOptions(path_column=path_column or settings.get("path_column"),
-                         label_column=label_column or settings.get("label_column"), multi_label=predictor.task is MULTI,
-                         label_sep=label_sep or settings.get("label_sep") or " ")
+    table = _as_trained(predictor, path_column=path_column, label_column=label_column, label_sep=label_sep)
     chosen = select_images(data_dir, classes=predictor.classes, split=split, record=record, settings=settings,
                            task=predictor.task, table=table)
     if not chosen.samples:
@@ -78,18 +76,12 @@ def evaluate_folder(
         raise RescliError(f"{data_dir}: none of the {len(chosen.samples)} image(s) could be read")
     temperature = 1.0 if raw_scores else predictor.temperature
     extra = {
-        "evaluated": {
-            "model": str(model.resolve()),
-            "data_dir": str(data_root),
-            "split": chosen.split,
-            "held_out": chosen.held_out,
-            "seen_in_training": seen,
-            "note": chosen.note,
-            "temperature_source": "none (--raw-scores)" if raw_scores else "the model's stored temperature",
-        },
+        "evaluated": {"model": str(model.resolve()), "data_dir": str(data_root), "split": chosen.split,
+                      "held_out": chosen.held_out, "seen_in_training": seen, "note": chosen.note,
+                      "temperature_source": "none (--raw-scores)" if raw_scores else "the model's stored temperature"},
         "skipped": [{"path": p, "error": e} for p, e in ev.failures],
     }
-    thresholds = None if raw_scores else predictor.thresholds
+    thresholds = None if raw_scores else predictor.thresholds  # tuned on calibrated scores: not for raw ones
     if out_dir is None:
         metrics = metrics_from(ev, predictor.classes, temperature=temperature, thresholds=thresholds)
         metrics.update(extra)
@@ -98,6 +90,14 @@ def evaluate_folder(
                                    extra=extra, thresholds=thresholds)
     return metrics, ev, out_dir
 
+
+def _as_trained(predictor: Any, *, path_column: str | None, label_column: str | None,
+                label_sep: str | None) -> TableOptions:
+    """How to read a label table: as the model's training table was read, but for the options given."""
+    settings = predictor.meta.get("settings", {})
+    return TableOptions(path_column=path_column or settings.get("path_column"),
+                        label_column=label_column or settings.get("label_column"),
+                        multi_label=predictor.task is MULTI, label_sep=label_sep or settings.get("label_sep") or " ")
 
 
 def _output_folder(output: str | os.PathLike | None, *, model: Path, name: str, data_root: Path) -> Path:

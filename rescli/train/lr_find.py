@@ -161,12 +161,9 @@ def range_test(
         raise UsageError("lr-find needs at least 5 steps")
     if len(train_ds) == 0:
         raise RescliError("lr-find: no training images")
-    objective = objective_for(
-        getattr(train_ds, "task", SINGLE), samples=[], n_classes=getattr(train_ds, "n_classes", 0), balance=False,
-        label_smoothing=label_smoothing, summed=False, device=runtime.device,
-    )
     sweep = _Sweep(model, runtime=runtime, mean=mean, std=std, frozen_backbone=frozen_backbone,
-                   weight_decay=weight_decay, objective=objective, start_lr=start_lr)
+                   weight_decay=weight_decay, objective=_objective(train_ds, label_smoothing, runtime),
+                   start_lr=start_lr)
     ratio = (end_lr / start_lr) ** (1.0 / (num_steps - 1))
     curve = _Curve(smoothing, divergence)
     g = torch.Generator()
@@ -197,6 +194,14 @@ def range_test(
             if usable == 0:
                 raise RescliError("lr-find: no training image could be read")
     return _result(curve, start_lr=start_lr)
+
+
+def _objective(train_ds, label_smoothing: float, runtime: Runtime) -> Objective:
+    """The loss of the data's task, as training has it but without class weights."""
+    return objective_for(
+        getattr(train_ds, "task", SINGLE), samples=[], n_classes=getattr(train_ds, "n_classes", 0), balance=False,
+        label_smoothing=label_smoothing, summed=False, device=runtime.device,
+    )
 
 
 class _Sweep:
