@@ -106,7 +106,7 @@ def test_finetune_flags_become_the_run_settings(training, tmp_path):
         "weight_decay": 0.05, "label_smoothing": 0.1, "augment": "light", "patience": None, "balance": False,
         "val_split": 0.2, "seed": 7, "workers": 0, "device": "cpu", "precision": "fp32", "strict": True,
         "compile": True, "mixup": 0.0, "cutmix": 0.0, "cache_features": True, "cache_images": False,
-        "sync_bn": False,
+        "sync_bn": False, "multi_label": False, "label_sep": " ", "path_column": None, "label_column": None,
     }
     lines = res.out.splitlines()
     assert lines[0].strip() == "finetune"
@@ -200,6 +200,7 @@ def test_dataset_wiring_and_tables(library, tmp_path):
     assert res.code == 0, res.err
     (data_dir,), kwargs = describe.calls[0]
     assert data_dir == tmp_path and callable(kwargs.pop("progress"))
+    assert kwargs.pop("table").default  # a folder: no table options
     assert kwargs == {"val_split": 0.3, "seed": 4, "workers": 2}
     for title in ("photos (class folders)", "summary", "warnings (finetune shows them too)", "broken images",
                   "identical files"):
@@ -238,7 +239,7 @@ def test_evaluate_wiring_and_tables(library, tmp_path):
     assert evaluate.kwargs == {
         "model": tmp_path / "run" / "best.pt", "data_dir": tmp_path / "data", "split": "val", "output": None,
         "raw_scores": True, "write_files": False, "batch_size": 16, "workers": None, "device": "cpu",
-        "precision": "auto", "compile": True,
+        "precision": "auto", "compile": True, "path_column": None, "label_column": None, "label_sep": None,
     }
     assert "4 images" in res.out and "│ accuracy " in res.out and "0.7500" in res.out and "top2_accuracy" in res.out
     assert "loss" not in res.out.split("per class")[0]  # a metric the library left out is not a row
@@ -281,7 +282,8 @@ def predicting(library, monkeypatch):
 
     fakes.check, fakes.paths = Call(), Call(iter(["a.png", "b.png"]))
     fakes.predict = Call(effect=stream)
-    fakes.load = Call(types.SimpleNamespace(kind="checkpoint", classes=["cat", "dog"], device=None))
+    fakes.load = Call(types.SimpleNamespace(kind="checkpoint", classes=["cat", "dog"], device=None, meta={},
+                                            task=types.SimpleNamespace(name="single-label")))
     library("rescli.inference.inputs", check_inputs=fakes.check, iter_input_paths=fakes.paths)
     library("rescli.inference.load", load_predictor=fakes.load)
     library("rescli.inference.lookup", resolve_model_path=Call((Path("m.pt"), "--model")))

@@ -50,8 +50,8 @@ def test_export_model_takes_to_as_the_new_name_of_fmt(small_checkpoint, tmp_path
 def test_export_metadata_and_info_show_the_same_model_fields(small_checkpoint):
     ckpt = load_checkpoint(small_checkpoint)
     fields = model_fields(ckpt)
-    assert fields == {"arch": "resnet20", "arch_kwargs": {}, "classes": ["cat", "dog"], "img_size": 16,
-                      "mean": [0.5] * 3, "std": [0.25] * 3, "temperature": 1.5}
+    assert fields == {"arch": "resnet20", "arch_kwargs": {}, "task": "single-label", "classes": ["cat", "dog"],
+                      "img_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3, "temperature": 1.5}
     meta = export_metadata(ckpt, source="best.pt")
     info = describe_model(small_checkpoint)
     assert {k: meta[k] for k in fields} == fields == {k: info[k] for k in fields}

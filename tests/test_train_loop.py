@@ -24,7 +24,7 @@ STEPS_PER_EPOCH = 4  # 3 classes x 6 images -> 15 train (4 batches of 4) / 3 val
 
 # Both files: what best.pt and last.pt hold (files written by earlier versions load, and so do these in them).
 BEST_KEYS = {"format", "format_version", "arch", "arch_kwargs", "classes", "img_size", "mean", "std", "temperature",
-             "model", "settings", "metrics", "versions", "created", "data"}
+             "model", "settings", "metrics", "versions", "created", "data", "task"}
 LAST_KEYS = BEST_KEYS | {"epoch_partial", "optimizer", "scheduler", "scaler", "epoch", "step_in_epoch",
                          "best_accuracy", "best_loss", "best_epoch", "bad_epochs", "history", "rng",
                          "settings_pretrained"}

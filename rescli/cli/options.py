@@ -46,8 +46,22 @@ class ModelFormat(str, Enum):
 
 # --- what a command reads -------------------------------------------------------------------------------------------
 
-DATA_DIR_HELP = "Folder with one sub-folder per class, or train/ + val/ (+ test/) split folders."
+DATA_DIR_HELP = ("Folder with one sub-folder per class, train/ + val/ (+ test/) split folders, or a label table "
+                 "(.csv, .tsv, .jsonl, .parquet: one row per image).")
 DataDir = Annotated[Path, typer.Argument(help=DATA_DIR_HELP)]
+
+# --- how a label table is read (finetune, lr-find, dataset; evaluate and predict take the model's) ------------------
+
+MultiLabel = Annotated[bool, typer.Option("--multi-label", help=(
+    "A label table whose rows list several labels per image (split by --label-sep): one sigmoid output per label, "
+    "binary cross-entropy, a threshold per label tuned on the validation split."))]
+LabelSep = Annotated[str, typer.Option("--label-sep", help=(
+    "What separates the labels of a row in a multi-label table (a space: any run of whitespace)."))]
+PathColumn = Annotated[Optional[str], typer.Option("--path-column", help=(
+    "A label table's column of image paths [default: the first of path, file, filename, image, image_path, "
+    "fname]."))]
+LabelColumn = Annotated[Optional[str], typer.Option("--label-column", help=(
+    "A label table's column of labels [default: the first of label, labels, tags, class, category, target]."))]
 
 # A checkpoint is plain data; TorchScript is code: every command that opens models says so where it asks for one.
 TRUST_NOTE = (

@@ -21,6 +21,15 @@ METRIC_ROWS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall
                "roc_auc_ovr", "loss", "log_loss", "ece", "ece_before_temperature", "temperature")
 
 
+MULTI_LABEL_METRIC_ROWS = ("mean_average_precision", "micro_f1", "micro_precision", "micro_recall", "macro_f1",
+                           "macro_precision", "macro_recall", "subset_accuracy", "hamming_loss", "loss", "ece",
+                           "ece_before_temperature", "temperature")
+
+
+def _multi_label(metrics: dict[str, Any]) -> bool:
+    return metrics.get("task") == "multi-label"
+
+
 def shown(name: str) -> Text:
     return Text(shown_name(name))
 
@@ -59,7 +68,7 @@ def _info_cell(value: Any) -> str:
 def metrics_tables(metrics: dict[str, Any]) -> list[Table]:
     """evaluate's figures: the headline metrics, then the per-class tables."""
     head = Table(title=f"{metrics['n']} images", show_header=False)
-    for key in METRIC_ROWS:
+    for key in MULTI_LABEL_METRIC_ROWS if _multi_label(metrics) else METRIC_ROWS:
         if metrics.get(key) is not None:
             head.add_row(key, f"{metrics[key]:.4f}")
     for k, v in (metrics.get("top_k_accuracy") or {}).items():
@@ -69,7 +78,10 @@ def metrics_tables(metrics: dict[str, Any]) -> list[Table]:
 
 
 def class_tables(metrics: dict[str, Any]) -> list[Table]:
-    """Per-class P/R/F1, the confusion matrix (up to MAX_MATRIX_CLASSES classes) and the most-confused pairs."""
+    """Per-class P/R/F1, the confusion matrix (up to MAX_MATRIX_CLASSES classes) and the most-confused pairs.
+    Multi-label: per-label P/R/F1, AP, support and threshold, then each label's confusion counts."""
+    if _multi_label(metrics):
+        return _label_tables(metrics)
     per = _table("per class", ("class", "precision", "recall", "f1", "support"), right_from=1)
     for name, row in metrics["per_class"].items():
         per.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
@@ -86,6 +98,18 @@ def class_tables(metrics: dict[str, Any]) -> list[Table]:
             pairs.add_row(pair["true"], pair["predicted"], str(pair["count"]))
         out.append(pairs)
     return out
+
+
+def _label_tables(metrics: dict[str, Any]) -> list[Table]:
+    per = _table("per label", ("label", "precision", "recall", "f1", "AP", "support", "threshold"), right_from=1)
+    for name, row in metrics["per_class"].items():
+        ap = row.get("average_precision")
+        per.add_row(shown(name), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+                    "-" if ap is None else f"{ap:.3f}", str(row["support"]), f"{row['threshold']:.3f}")
+    counts = _table("confusion counts per label", ("label", "tp", "fp", "fn", "tn"), right_from=1)
+    for name, c in metrics.get("confusion_counts", {}).items():
+        counts.add_row(shown(name), *(str(c[k]) for k in ("tp", "fp", "fn", "tn")))
+    return [per, counts]
 
 
 def degradation_tables(result: dict[str, Any], *, epochs: int, stages: Sequence[str]) -> list[Table]:
@@ -137,8 +161,10 @@ def dataset_tables(report: dict[str, Any]) -> list[Table]:
 
 def _dataset_counts(report: dict[str, Any]) -> Table:
     splits = list(report["splits"])
-    counts = Table(title=shown(f"{report['root']} ({report['layout']})"))
-    counts.add_column("class")
+    where = (f"{report['table']} ({report['task']} table)" if "table" in report
+             else f"{report['root']} ({report['layout']})")
+    counts = Table(title=shown(where))
+    counts.add_column("label" if report.get("task") == "multi-label" else "class")
     for split in splits:
         counts.add_column(split, justify="right")
     counts.add_column("total", justify="right")

@@ -1,13 +1,16 @@
 """How a data folder is laid out, decided in one place for every command that reads one.
 
-Two layouts are understood:
+Three layouts are understood:
   DATA/<class>/<images>                      -> "class-folders": training draws a validation split in memory
   DATA/train/<class>/… + DATA/val|valid|validation/<class>/… (+ optional DATA/test/<class>/…) -> "split-folders"
 A folder named train/ that holds images but no class folders is a class (pictures of trains), not a split.
+A file named like a table (labels.csv, .tsv, .jsonl, .parquet) is a label table -> "table" (rescli.data.tables):
+one row per image, the images anywhere (relative paths start from the table's folder, the data folder).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +29,35 @@ CLASS_FOLDERS = "class-folders"
 SPLIT_FOLDERS = "split-folders"
 
 
+TABLE = "table"
+
+
+#: What a label table's file name ends with.
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
+
+
 @dataclass(frozen=True)
 class Layout:
-    kind: str  # CLASS_FOLDERS | SPLIT_FOLDERS
-    split_roots: dict[str, Path]  # split -> the folder holding its class folders (class-folders: {"train": root})
+    kind: str  # CLASS_FOLDERS | SPLIT_FOLDERS | TABLE
+    split_roots: dict[str, Path]  # split -> the folder holding its class folders (class-folders: {"train": root};
+    # a table: {})
+
+
+def is_table(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a label table: by its suffix, and not a folder."""
+    p = Path(path)
+    return p.suffix.lower() in TABLE_SUFFIXES and not p.is_dir()
+
+
+def data_folder(path: str | os.PathLike) -> Path:
+    """The folder rescli never writes into: the data folder itself, or the folder holding a label table."""
+    p = Path(path).expanduser()
+    return p.parent if is_table(p) else p
 
 
 def detect_layout(root: Path) -> Layout:
+    if is_table(root):
+        return Layout(TABLE, {})
     split_dirs = split_layout_folders(root)
     if "train" in split_dirs:
         return Layout(SPLIT_FOLDERS, split_dirs)

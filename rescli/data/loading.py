@@ -1,5 +1,6 @@
-"""Datasets and loaders: (path, label) samples to uint8 batches, with per-item failures instead of
-exceptions, and the in-memory cache of decoded images for transforms without randomness."""
+"""Datasets and loaders: (path, label) samples to uint8 batches and their targets (as the task has them: class
+indices, or 0/1 rows of multi-label targets), with per-item failures instead of exceptions, and the in-memory
+cache of decoded images for transforms without randomness."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from rescli.core.errors import RescliError
 from rescli.data.images import (
     load_rgb,
 )
+from rescli.data.splits import Sample
+from rescli.data.tasks import SINGLE, Task
 
 
 class DecodedCache:
@@ -79,22 +82,28 @@ def _available_ram() -> int:
 
 
 class ImageSamples(Dataset):
-    """(path, label) pairs -> (uint8 image, label, index); a file that fails to load yields its error instead."""
+    """(path, label) pairs -> (uint8 image, target, index); a file that fails to load yields its error instead.
+
+    The target is what ``task`` makes of the label (``n_classes``: how many classes a multi-label target spans).
+    """
 
     def __init__(
-        self, samples: Sequence[tuple[str, int]], transform: Callable, *, draft_size: int | None = None,
-        cache: DecodedCache | None = None,
+        self, samples: Sequence[Sample], transform: Callable, *, draft_size: int | None = None,
+        cache: DecodedCache | None = None, task: Task = SINGLE, n_classes: int = 0,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.draft_size = draft_size
         self.cache = cache  # only for transforms that give the same pixels every time
+        self.task = task
+        self.n_classes = n_classes
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        path, label = self.samples[i]
+        path, raw = self.samples[i]
+        label = self.task.target(raw, self.n_classes)
         if self.cache is not None:
             cached = self.cache.get(i)
             if cached is not None:
@@ -113,7 +122,7 @@ class ImageSamples(Dataset):
 @dataclass
 class Batch:
     images: torch.Tensor  # uint8 [B, 3, H, W]
-    labels: torch.Tensor  # int64 [B]
+    labels: torch.Tensor  # the targets: int64 [B] (single-label), float32 [B, C] 0/1 (multi-label)
     indices: torch.Tensor  # int64 [B], positions in the dataset
     failures: list[tuple[int, str]]  # (dataset index, message) for items that could not be loaded
 
@@ -132,10 +141,19 @@ def collate(items) -> Batch:
         images = torch.empty(0, 3, 1, 1, dtype=torch.uint8)
     return Batch(
         images=images,
-        labels=torch.tensor([it[1] for it in good], dtype=torch.long),
+        labels=_targets([it[1] for it in good], of=items),
         indices=torch.tensor([it[2] for it in good], dtype=torch.long),
         failures=failures,
     )
+
+
+def _targets(targets: list, *, of: list) -> torch.Tensor:
+    """The batch's targets as one tensor: multi-label rows stacked, class indices as int64."""
+    if targets and isinstance(targets[0], torch.Tensor):
+        return torch.stack(targets)
+    if not targets and of and isinstance(of[0][1], torch.Tensor):  # no image loaded: still the task's target shape
+        return torch.zeros(0, len(of[0][1]), dtype=torch.float32)
+    return torch.tensor(targets, dtype=torch.long)
 
 
 def make_loader(

@@ -1,4 +1,4 @@
-"""`rescli dataset`: what a data folder holds, seen exactly as `finetune` would see it.
+"""`rescli dataset`: what a data folder or a label table holds, seen exactly as `finetune` would see it.
 
 The report comes from the same scan, check and split as training (``data.scan_dataset``), so its classes, counts
 and broken files are the ones `finetune` would use and skip. Exact duplicates are found by the SHA-1 of each file's
@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 from rescli.data.near_duplicates import Embed, near_duplicate_groups, with_near_duplicates
 from rescli.data.scan import DatasetIndex, scan_dataset
+from rescli.data.tables import TableOptions
+from rescli.data.tasks import label_text
 
 SPLIT_ORDER = ("train", "val", "test")
 
@@ -23,21 +25,25 @@ def describe_dataset(
     seed: int = 0,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    table: TableOptions | None = None,
     near_duplicates: str = "phash",
     embed: Embed | None = None,
 ) -> dict[str, Any]:
-    """A JSON-able report of ``data_dir``; raises RescliError where `finetune` would refuse the folder.
+    """A JSON-able report of ``data_dir`` (a folder, or a label table read as ``table`` says); raises RescliError
+    where `finetune` would refuse it.
 
-    Keys: root, layout, classes (name -> usable images over all splits), splits (split -> name -> count), images,
-    broken (relative paths), broken_reasons, ignored, ignored_reasons, empty_classes, sizes, imbalance_ratio,
-    duplicates, warnings (what finetune would warn of: a class that no validation image measures).
+    Keys: root, layout, task, (table,) classes (name -> usable images over all splits; multi-label: images with that
+    label), splits (split -> name -> count), images, broken (relative paths), broken_reasons, ignored,
+    ignored_reasons, empty_classes, sizes, imbalance_ratio, duplicates, warnings (what finetune would warn of: a
+    class that no validation image measures).
 
     ``near_duplicates``: phash, embeddings (``embed``: paths -> unit vectors), both, or none (exact ones only).
     """
-    index = scan_dataset(data_dir, val_split=val_split, seed=seed, workers=workers, progress=progress)
+    index = scan_dataset(data_dir, val_split=val_split, seed=seed, workers=workers, progress=progress, table=table)
     splits = {s: index.counts(s) for s in SPLIT_ORDER if s in index.splits}
     classes = {c: sum(counts[c] for counts in splits.values()) for c in index.classes}
-    used = [(path, split, index.classes[label]) for split in splits for path, label in index.splits[split]]
+    used = [(path, split, label_text(index.task, label, index.classes))
+            for split in splits for path, label in index.splits[split]]
 
     widths = [index.infos[p].width for p, _, _ in used]
     heights = [index.infos[p].height for p, _, _ in used]
@@ -58,7 +64,9 @@ def describe_dataset(
     return {
         "root": str(index.root),
         "layout": index.layout,
-        **({"val_split": val_split, "seed": seed} if index.layout == "class-folders" else {}),
+        "task": index.task.name,
+        **({"table": str(index.table)} if index.table is not None else {}),
+        **({"val_split": val_split, "seed": seed} if index.val_drawn else {}),
         "classes": classes,
         "splits": splits,
         "images": len(used),
@@ -84,9 +92,9 @@ def _size_entry(index: DatasetIndex, path: str | None) -> dict[str, Any] | None:
 def find_duplicates(index: DatasetIndex, used: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
     """Groups of usable images with identical bytes, worst first.
 
-    kind: "label-conflict" (the same picture in two classes: one label is wrong), "leak" (the same picture in two
-    splits: validation scores are inflated), or "copy" (repeated within one class and split: harmless but counted
-    twice).
+    kind: "label-conflict" (the same picture in two classes, or multi-label with two sets of labels: one is wrong),
+    "leak" (the same picture in two splits: validation scores are inflated), or "copy" (repeated within one class
+    and split: harmless but counted twice). A table that lists one file twice gives such a group too.
     A group can be both a label conflict and a leak; ``leak`` and ``label_conflict`` say so separately.
     """
     groups: dict[str, list[tuple[str, str, str]]] = {}

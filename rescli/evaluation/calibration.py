@@ -54,6 +54,17 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / np.sum(e, axis=-1, keepdims=True)
 
 
+def as_binary_decisions(logits: np.ndarray) -> np.ndarray:
+    """A multi-label model's logits [N, C] as N*C two-class logits [0, z] (image by image, class by class).
+
+    softmax([0, z] / T) is [1 - sigmoid(z / T), sigmoid(z / T)], so every tool here (the temperature fit, the
+    reliability bins, the ECE) reads each (image, class) decision as the binary decision it is, against the 0/1
+    targets flattened the same way.
+    """
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    return np.stack([np.zeros_like(z), z], axis=1)
+
+
 def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean cross-entropy of ``softmax(logits / temperature)`` against ``labels`` (natural log)."""
     z = _as_2d("logits", logits)

@@ -1,4 +1,5 @@
-"""`rescli evaluate`: a model (checkpoint or export) on a folder of labelled images, and its files."""
+"""`rescli evaluate`: a model (checkpoint or export) on a folder of labelled images or a label table, and its
+files."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from typing import Any
 from rescli.core.errors import RescliError, UsageError
 from rescli.core.paths import refuse_inside_data
 from rescli.core.runtime import default_workers
+from rescli.data.layout import data_folder
 from rescli.data.loading import ImageSamples, make_loader
+from rescli.data.tables import TableOptions
+from rescli.data.tasks import MULTI
 from rescli.data.transforms import draft_size_for
 from rescli.evaluation.artefacts import write_evaluation
 from rescli.evaluation.evaluate import EvalResult, run_eval
@@ -36,53 +40,66 @@ def evaluate_folder(
     precision: str = "auto",
     compile: bool = False,
     write_files: bool = True,
+    path_column: str | None = None,
+    label_column: str | None = None,
+    label_sep: str | None = None,
 ) -> tuple[dict[str, Any], EvalResult, Path | None]:
     """Metrics of ``model`` (checkpoint or export) on labelled images (see ``select_images``).
 
-    Scores use the model's stored temperature unless ``raw_scores``. Unless ``write_files`` is False, the
-    artefacts go to ``output`` (default: ``<model's folder>/eval-<name>``), which may not lie inside the data
+    Scores use the model's stored temperature (and, multi-label, its thresholds) unless ``raw_scores``. A label
+    table is read as the model's training table was (its task; its columns and separator unless ``path_column``,
+    ``label_column`` or ``label_sep`` say otherwise). Unless ``write_files`` is False,
+    the artefacts go to ``output`` (default: ``<model's folder>/eval-<name>``), which may not lie inside the data
     folder. Returns (metrics, per-sample result, output folder or None); ``metrics["evaluated"]`` says which
     images were scored (``split``, ``note``) and how many of them the model was trained on (``seen_in_training``).
     """
     model = Path(model)
     predictor = load_predictor(model, device=device, precision=precision, compile=compile)
     record = training_record(predictor)
-    chosen = select_images(data_dir, classes=predictor.classes, split=split, record=record,
-                           settings=predictor.meta.get("settings", {}))
+    settings = predictor.meta.get("settings", {})
+    table = _as_trained(predictor, path_column=path_column, label_column=label_column, label_sep=label_sep)
+    chosen = select_images(data_dir, classes=predictor.classes, split=split, record=record, settings=settings,
+                           task=predictor.task, table=table)
     if not chosen.samples:
         where = f" in the {chosen.split} split" if chosen.split else ""
         raise RescliError(f"{data_dir}: no images to evaluate{where}")
     data_root = Path(data_dir).expanduser().resolve()
-    out_dir = _output_folder(output, model=model, name=chosen.name, data_root=data_root) if write_files else None
+    out_dir = (_output_folder(output, model=model, name=chosen.name, data_root=data_folder(data_root))
+               if write_files else None)
     n_workers = default_workers() if workers is None else workers
     seen = None
     if chosen.split not in ("train", "all"):
         seen = count_seen_in_training(chosen.samples, record, workers=max(2, n_workers))
-    dataset = ImageSamples(chosen.samples, predictor.transform(),
-                           draft_size=draft_size_for(predictor.img_size, train=False))
+    dataset = ImageSamples(chosen.samples, predictor.transform(), draft_size=draft_size_for(predictor.img_size,
+                           train=False), task=predictor.task, n_classes=len(predictor.classes))
     ev = run_eval(predictor.logits, make_loader(dataset, batch_size=batch_size, shuffle=False, workers=n_workers))
     if len(ev.y_true) == 0:
         raise RescliError(f"{data_dir}: none of the {len(chosen.samples)} image(s) could be read")
     temperature = 1.0 if raw_scores else predictor.temperature
     extra = {
-        "evaluated": {
-            "model": str(model.resolve()),
-            "data_dir": str(data_root),
-            "split": chosen.split,
-            "held_out": chosen.held_out,
-            "seen_in_training": seen,
-            "note": chosen.note,
-            "temperature_source": "none (--raw-scores)" if raw_scores else "the model's stored temperature",
-        },
+        "evaluated": {"model": str(model.resolve()), "data_dir": str(data_root), "split": chosen.split,
+                      "held_out": chosen.held_out, "seen_in_training": seen, "note": chosen.note,
+                      "temperature_source": "none (--raw-scores)" if raw_scores else "the model's stored temperature"},
         "skipped": [{"path": p, "error": e} for p, e in ev.failures],
     }
+    thresholds = None if raw_scores else predictor.thresholds  # tuned on calibrated scores: not for raw ones
     if out_dir is None:
-        metrics = metrics_from(ev, predictor.classes, temperature=temperature)
+        metrics = metrics_from(ev, predictor.classes, temperature=temperature, thresholds=thresholds)
         metrics.update(extra)
     else:
         metrics = write_evaluation(out_dir=out_dir, ev=ev, classes=predictor.classes, temperature=temperature,
-                                   extra=extra, heatmaps=heatmaps_for_model(model))  # issue #16: mistakes' heatmaps
+                                   extra=extra, thresholds=thresholds,
+                                   heatmaps=heatmaps_for_model(model))  # issue #16: mistakes' heatmaps
     return metrics, ev, out_dir
+
+
+def _as_trained(predictor: Any, *, path_column: str | None, label_column: str | None,
+                label_sep: str | None) -> TableOptions:
+    """How to read a label table: as the model's training table was read, but for the options given."""
+    settings = predictor.meta.get("settings", {})
+    return TableOptions(path_column=path_column or settings.get("path_column"),
+                        label_column=label_column or settings.get("label_column"),
+                        multi_label=predictor.task is MULTI, label_sep=label_sep or settings.get("label_sep") or " ")
 
 
 def _output_folder(output: str | os.PathLike | None, *, model: Path, name: str, data_root: Path) -> Path:

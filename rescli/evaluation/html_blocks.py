@@ -63,6 +63,11 @@ def number(value: Any, digits: int = 4) -> str:
     return f"{f:.{digits}f}" if abs(f) >= 10 ** -digits or f == 0 else f"{f:.2e}"
 
 
+def card(name: str, value: Any) -> str:
+    """One headline figure, as a card."""
+    return f'<div class="card"><div class="k">{escape(name)}</div><div class="v">{number(value)}</div></div>'
+
+
 def not_available(what: str = "Not available") -> str:
     return f'<p class="na">{escape(what)}</p>'
 

@@ -1,6 +1,6 @@
-"""The metrics of a single-label classification task, in one place: scikit-learn's scores, calibration (ECE before
-and after the temperature), the most-confused pairs and the worst mistakes. ``metrics_from`` is what metrics.json
-holds; the other functions take plain arrays.
+"""The metrics of a classification task, in one place: scikit-learn's scores, calibration (ECE before and after the
+temperature), the most-confused pairs and the worst mistakes. ``metrics_from`` is what metrics.json holds, for the
+task of the result (multi-label: rescli.evaluation.multilabel); the other functions take plain arrays.
 """
 
 from __future__ import annotations
@@ -13,9 +13,18 @@ import numpy as np
 from numpy.typing import ArrayLike
 from sklearn import metrics as skm
 
+from rescli.data.tasks import MULTI, MULTI_LABEL
 from rescli.evaluation.calibration import expected_calibration_error, softmax
 from rescli.evaluation.confusion import most_confused
 from rescli.evaluation.evaluate import EvalResult
+from rescli.evaluation.multilabel import (
+    UNTUNED_THRESHOLD,
+    calibration_metrics,
+    multi_label_metrics,
+    multi_label_rows,
+    sigmoid,
+    worst_rows,
+)
 
 #: How many mistakes top_losses.png shows (and metrics.json lists).
 TOP_LOSSES = 16
@@ -80,8 +89,15 @@ def _roc_auc(y_true: np.ndarray, probs: np.ndarray, ids: list[int]) -> float | N
         return None
 
 
-def per_sample(ev: EvalResult, classes: Sequence[str], *, temperature: float = 1.0) -> list[dict[str, Any]]:
-    """One row per evaluated image: path, true, predicted, score (probability of predicted), true_score, loss."""
+def per_sample(ev: EvalResult, classes: Sequence[str], *, temperature: float = 1.0,
+               thresholds: Sequence[float] | None = None) -> list[dict[str, Any]]:
+    """One row per evaluated image: path, true, predicted, score (probability of predicted), true_score, loss.
+
+    Multi-label: path, true and predicted (labels joined by spaces), loss, correct and scores (multilabel's rows).
+    """
+    if ev.task is MULTI:
+        return multi_label_rows(ev, classes, temperature=temperature,
+                                thresholds=thresholds or [UNTUNED_THRESHOLD] * len(classes))
     if len(ev.y_true) == 0:
         return []
     probs = softmax(ev.logits, temperature)
@@ -110,12 +126,15 @@ def top_losses(rows: list[dict[str, Any]], k: int = TOP_LOSSES) -> list[dict[str
     return [{k2: r[k2] for k2 in ("path", "true", "predicted", "score", "loss")} for r in wrong[:k]]
 
 
-def metrics_from(ev: EvalResult, classes: list[str], *, temperature: float = 1.0) -> dict[str, Any]:
+def metrics_from(ev: EvalResult, classes: list[str], *, temperature: float = 1.0,
+                 thresholds: Sequence[float] | None = None) -> dict[str, Any]:
     """scikit-learn metrics of ``softmax(logits / temperature)``, calibration (ECE before/after), most-confused pairs
-    and top losses.
+    and top losses. Multi-label: those of ``multi_label_metrics_from``.
 
     Predictions (argmax) do not depend on the temperature; the scores, log loss and ECE do.
     """
+    if ev.task is MULTI:
+        return multi_label_metrics_from(ev, classes, temperature=temperature, thresholds=thresholds)
     n = len(ev.y_true)
     probs = softmax(ev.logits, temperature) if n else None
     metrics = classification_metrics(y_true=ev.y_true, y_pred=ev.y_pred, labels=classes, probs=probs)
@@ -131,4 +150,22 @@ def metrics_from(ev: EvalResult, classes: list[str], *, temperature: float = 1.0
         metrics["most_confused"] = most_confused(np.asarray(metrics["confusion_matrix"]), list(classes),
                                                  k=MOST_CONFUSED)
         metrics["top_losses"] = top_losses(per_sample(ev, classes, temperature=temperature))
+    return metrics
+
+
+def multi_label_metrics_from(ev: EvalResult, classes: list[str], *, temperature: float = 1.0,
+                             thresholds: Sequence[float] | None = None) -> dict[str, Any]:
+    """Multi-label metrics of ``sigmoid(logits / temperature)`` at ``thresholds`` (default 0.5 each), calibration of
+    the binary decisions (ECE of all together before/after the temperature, and per class) and top losses."""
+    chosen = list(thresholds) if thresholds is not None else [UNTUNED_THRESHOLD] * len(classes)
+    probs = sigmoid(ev.logits, temperature) if len(ev.y_true) else np.zeros((0, len(classes)))
+    metrics = multi_label_metrics(y_true=ev.y_true, probs=probs, labels=classes, thresholds=chosen)
+    metrics["task"] = MULTI_LABEL
+    metrics["loss"] = ev.loss
+    metrics["accuracy_at_half"] = ev.accuracy  # the per-decision accuracy training follows (val_accuracy)
+    metrics["temperature"] = float(temperature)
+    if len(ev.y_true):
+        metrics.update(calibration_metrics(ev, classes, temperature=temperature, n_bins=ECE_BINS))
+        rows = multi_label_rows(ev, classes, temperature=temperature, thresholds=chosen)
+        metrics["top_losses"] = worst_rows(rows, TOP_LOSSES)
     return metrics

@@ -1,6 +1,7 @@
 """The evaluation's figures as PNG files, from plain arrays: confusion matrix, training curves, top losses,
-reliability diagram, learning-rate finder. Each is drawn and written as ``figures`` says (Agg canvas, atomic
-write, a ``Title`` text chunk, and the drawn numbers in further text chunks where a reader may check them).
+reliability diagram, precision-recall curves (multi-label), learning-rate finder. Each is drawn and written as
+``figures`` says (Agg canvas, atomic write, a ``Title`` text chunk, and the drawn numbers in further text chunks
+where a reader may check them).
 """
 
 from __future__ import annotations
@@ -171,10 +172,11 @@ def _load_thumbnail(path: object, size: int = 256) -> np.ndarray | None:
         return None
 
 
-def plot_top_losses(items: list[dict], path: str | os.PathLike, *, max_items: int = 16,
+def plot_top_losses(items: list[dict], path: str | os.PathLike, *, max_items: int = 16, sets: bool = False,
                     overlays: dict[str, np.ndarray] | None = None) -> Path:
     """Grid of the highest-loss images titled ``true → predicted (score)``; unreadable files become grey tiles.
 
+    ``sets``: multi-label items, whose true and predicted are sets of labels (and have no score).
     ``overlays``: {path: picture with the heatmap of its predicted label} (issue #16, rescli.insight.reports),
     drawn instead of the plain picture.
     """
@@ -184,7 +186,8 @@ def plot_top_losses(items: list[dict], path: str | os.PathLike, *, max_items: in
     n = len(items)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    title = f"Top {n} losses (true {ARROW} predicted (probability of predicted))"
+    title = (f"Top {n} losses (true labels {ARROW} predicted labels; binary cross-entropy)" if sets
+             else f"Top {n} losses (true {ARROW} predicted (probability of predicted))")
     if overlays:
         title += "\nheatmap: where the model looked for the predicted label (Grad-CAM)"
     fig = new_figure(3.0 * cols, 3.2 * rows + 0.5)
@@ -202,6 +205,9 @@ def plot_top_losses(items: list[dict], path: str | os.PathLike, *, max_items: in
         score = to_float(item.get("score"))
         loss = to_float(item.get("loss"))
         label = f"{short_label(item.get('true', '?'), 16)} {ARROW} {short_label(item.get('predicted', '?'), 16)}"
+        if sets:
+            true, predicted = item.get("true") or "(none)", item.get("predicted") or "(none)"
+            label = f"{short_label(true, 30)}\n{ARROW} {short_label(predicted, 30)}"
         score_txt = f"({score:.2f})" if math.isfinite(score) else ""
         loss_txt = f"loss {loss:.2f}" if math.isfinite(loss) else ""
         ax.set_title(f"{label} {score_txt}\n{loss_txt}".strip(), fontsize=9, color="firebrick")
@@ -278,6 +284,49 @@ def plot_reliability(probs: np.ndarray, labels: np.ndarray, path: str | os.PathL
         extra = {"ECE": repr(eces[0])}
     fig.suptitle(title, fontsize=12)
     return save_png(fig, path, title=title, extra=extra)
+
+
+#: Above this many classes the PR figure draws the micro average and the classes of lowest average precision.
+MAX_PR_CURVES = 12
+
+
+def plot_pr_curves(y_true: np.ndarray, probs: np.ndarray, labels: list[str], path: str | os.PathLike, *,
+                   thresholds: list[float] | None = None) -> Path:
+    """Precision against recall per class (multi-label), with the micro average over every (image, class) decision;
+    each class's operating point at its threshold is marked. Over MAX_PR_CURVES classes, the worst ones are drawn."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    title = "Precision-recall curves"
+    if y.size == 0 or not y.any():
+        return message_figure(path, "no positive labels", title=title)
+    ap = {c: float(average_precision_score(y[:, c], p[:, c])) for c in range(y.shape[1]) if y[:, c].any()}
+    shown = sorted(ap, key=lambda c: (ap[c], c))[:MAX_PR_CURVES]
+    fig = new_figure(7.5, 6.0)
+    ax = fig.add_subplot()
+    precision, recall, _ = precision_recall_curve(y.reshape(-1), p.reshape(-1))
+    micro = float(average_precision_score(y.reshape(-1), p.reshape(-1)))
+    ax.plot(recall, precision, color="black", lw=2.2, label=f"micro average (AP {micro:.3f})")
+    for c in sorted(shown):
+        precision, recall, _ = precision_recall_curve(y[:, c], p[:, c])
+        line = ax.plot(recall, precision, lw=1.2, label=f"{short_label(labels[c], 20)} (AP {ap[c]:.3f})")[0]
+        if thresholds is not None:
+            pred = p[:, c] >= thresholds[c]
+            tp = int((pred & (y[:, c] == 1)).sum())
+            ax.scatter([tp / max(1, int(y[:, c].sum()))], [tp / max(1, int(pred.sum()))], color=line.get_color(),
+                       s=28, zorder=3)
+    if len(ap) > len(shown):
+        title += f": the {len(shown)} classes of lowest AP, of {len(ap)}"
+    ax.set_xlim(0, 1.0)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title(title + (" (dots: each class's threshold)" if thresholds is not None else ""), fontsize=10)
+    return save_png(fig, path, title=title, extra={
+        "AP": json.dumps({labels[c]: ap[c] for c in sorted(ap)}), "Micro AP": repr(micro)})
 
 
 def plot_lr_find(

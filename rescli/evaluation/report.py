@@ -18,8 +18,16 @@ import numpy as np
 
 from rescli.core.errors import RescliError
 from rescli.core.fileio import atomic_write_text
+from rescli.data.tasks import MULTI_LABEL
 from rescli.evaluation.confusion import confusion_subset, most_confused
-from rescli.evaluation.html_blocks import document, escape, kv_table, not_available, number, png_img
+from rescli.evaluation.html_blocks import card, document, escape, kv_table, not_available, number, png_img
+from rescli.evaluation.html_multilabel import (
+    calibration_table,
+    confusion_counts_table,
+    headline_cards,
+    per_label_table,
+    worst_rows_table,
+)
 from rescli.insight.reports import label_issues_html
 
 FIGURES = {
@@ -28,6 +36,7 @@ FIGURES = {
     "top_losses": "top_losses.png",
     "reliability": "reliability.png",
     "lr_find": "lr_find.png",
+    "pr_curves": "pr_curves.png",
 }
 
 
@@ -118,10 +127,6 @@ _HEADLINE = [
 ]
 
 
-def _card(name: str, value: Any) -> str:
-    return f'<div class="card"><div class="k">{escape(name)}</div><div class="v">{number(value)}</div></div>'
-
-
 def _top_k_order(item: tuple[Any, Any]) -> tuple[int, int | str]:
     try:
         return (0, int(item[0]))
@@ -130,10 +135,10 @@ def _top_k_order(item: tuple[Any, Any]) -> tuple[int, int | str]:
 
 
 def _metrics_section(metrics: dict) -> str:
-    cards = [_card(name, metrics[key]) for key, name in _HEADLINE if key in metrics and metrics[key] is not None]
+    cards = [card(name, metrics[key]) for key, name in _HEADLINE if key in metrics and metrics[key] is not None]
     top_k = metrics.get("top_k_accuracy")
     if isinstance(top_k, dict):
-        cards += [_card(f"Top-{k} accuracy", v) for k, v in sorted(top_k.items(), key=_top_k_order)]
+        cards += [card(f"Top-{k} accuracy", v) for k, v in sorted(top_k.items(), key=_top_k_order)]
     if not cards:
         return not_available("No headline metrics recorded.")
     return '<div class="cards">' + "".join(cards) + "</div>"
@@ -311,17 +316,12 @@ def _sections(
     evaluated = metrics.get("evaluated") if isinstance(metrics.get("evaluated"), dict) else None
     eval_folder = bool(evaluated) and run is None  # a `rescli evaluate` output folder, not a run folder
     what = "evaluated images" if eval_folder else "validation images"
-    sections = [("metrics", "Headline metrics", _metrics_section(metrics))]
+    multi = metrics.get("task") == MULTI_LABEL
+    sections = [("metrics", "Headline metrics", headline_cards(metrics) if multi else _metrics_section(metrics))]
     if not eval_folder:
         sections.append(("training", "Training curves", _training_section(run_path, history)))
-    sections += [
-        ("per-class", "Per-class metrics", _per_class_section(metrics)),
-        ("confusion", "Confusion matrix", _figure(run_path, "confusion", "confusion matrix") + _cm_table(metrics)),
-        ("most-confused", "Most-confused pairs", _most_confused_section(metrics)),
-        ("mistakes", "Mistakes (top losses)",
-         _figure(run_path, "top_losses", f"highest-loss {what}") + _top_losses_table(metrics)),
-        ("calibration", "Calibration", _calibration_section(run_path, metrics)),
-    ]
+    sections += _multi_label_sections(run_path, metrics, what) if multi else _single_label_sections(
+        run_path, metrics, what)
     if "label_issues" in metrics:  # issue #16: a finetune run's validation suspects (rescli.insight.reports)
         sections.append(("label-issues", "Label issues (validation split)", label_issues_html(metrics["label_issues"])))
     if evaluated is not None and eval_folder:
@@ -329,3 +329,28 @@ def _sections(
     else:
         sections.append(("settings", "Settings", _settings_section(run)))
     return sections
+
+
+def _multi_label_sections(run_path: Path, metrics: dict[str, Any], what: str) -> list[tuple[str, str, str]]:
+    """Per class (with AP and threshold), the confusion counts, the PR curves, the worst rows by binary
+    cross-entropy, and the calibration of the binary decisions."""
+    calibration = calibration_table(metrics) + _figure(run_path, "reliability", "reliability diagram")
+    return [
+        ("per-class", "Per-class metrics", per_label_table(metrics)),
+        ("pr-curves", "Precision-recall curves", _figure(run_path, "pr_curves", "precision-recall curves")),
+        ("confusion", "Confusion counts per class", confusion_counts_table(metrics)),
+        ("mistakes", "Mistakes (top losses)",
+         _figure(run_path, "top_losses", f"highest-loss {what}") + worst_rows_table(metrics)),
+        ("calibration", "Calibration", calibration),
+    ]
+
+
+def _single_label_sections(run_path: Path, metrics: dict[str, Any], what: str) -> list[tuple[str, str, str]]:
+    return [
+        ("per-class", "Per-class metrics", _per_class_section(metrics)),
+        ("confusion", "Confusion matrix", _figure(run_path, "confusion", "confusion matrix") + _cm_table(metrics)),
+        ("most-confused", "Most-confused pairs", _most_confused_section(metrics)),
+        ("mistakes", "Mistakes (top losses)",
+         _figure(run_path, "top_losses", f"highest-loss {what}") + _top_losses_table(metrics)),
+        ("calibration", "Calibration", _calibration_section(run_path, metrics)),
+    ]

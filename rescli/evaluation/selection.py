@@ -1,6 +1,6 @@
-"""Which labelled images an evaluation scores: on the folder a model was trained on, the split it held
-out (from the model's record of its training data); elsewhere the folder, or one split of a split
-root; and how many of them the model was trained on."""
+"""Which labelled images an evaluation scores: on the folder (or label table) a model was trained on, the split it
+held out (from the model's record of its training data); elsewhere the folder, one split of a split root, or the
+rows of a table (one split of it, with a split column); and how many of them the model was trained on."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from typing import Any
 
 from rescli.core.errors import RescliError, UsageError
 from rescli.data.folders import scan_class_folders
-from rescli.data.layout import CLASS_FOLDERS, SPLIT_FOLDERS, find_split_folders, split_layout_folders
+from rescli.data.layout import CLASS_FOLDERS, SPLIT_FOLDERS, find_split_folders, is_table, split_layout_folders
 from rescli.data.scan import scan_dataset
 from rescli.data.splits import Sample
+from rescli.data.tables import LabelTable, TableOptions, read_label_table
+from rescli.data.tasks import SINGLE, Task
 
 EVAL_SPLITS = ("train", "val", "test", "all")
 
@@ -34,13 +36,19 @@ class Selection:
 
 def select_images(
     data_dir: str | os.PathLike, *, classes: Sequence[str], split: str | None, record: dict[str, Any] | None,
-    settings: dict[str, Any],
+    settings: dict[str, Any], task: Task = SINGLE, table: TableOptions | None = None,
 ) -> Selection:
     """The images to score. On the folder the model was trained on, the split it held out (or ``split``), file for
-    file from the model's record of its training data; elsewhere the whole folder, or one split of a split root."""
+    file from the model's record of its training data; elsewhere the whole folder, or one split of a split root.
+    A label table (read as ``table`` says) is chosen from the same way: see ``_table_selection``."""
     root = Path(data_dir).expanduser()
     if split is not None and split not in EVAL_SPLITS:
         raise UsageError(f"--split {split!r}: expected train, val, test or all")
+    if is_table(root):
+        if not root.is_file():
+            raise UsageError(f"{root}: no such label table")
+        return _table_selection(root, classes=classes, split=split, record=record, task=task,
+                                table=table or TableOptions())
     if not root.is_dir():
         raise UsageError(f"{root}: no such folder")
     if record and root.resolve() == Path(record["root"]):
@@ -156,6 +164,67 @@ def _redrawn_split(root: Path, *, classes: Sequence[str], split: str | None, set
     note = (f"{root} is the folder this model was trained on: scoring the {len(samples)} {_SPLIT_WORDS[chosen]}, "
             "drawn again from its seed (the model predates stored splits, so images added since may be among them)")
     return Selection(samples, f"{root.name}-{chosen}", chosen, held_out=chosen == "val", note=note)
+
+
+def _table_selection(root: Path, *, classes: Sequence[str], split: str | None, record: dict[str, Any] | None,
+                     task: Task, table: TableOptions) -> Selection:
+    """The table the model was trained on: the split it held out (or ``split``), from its record, file for file, and
+    the table's test rows. Another table: its rows of ``split`` (default: test rows if it has any, else val rows),
+    or every row where it has no split column (or with --split all)."""
+    rows = read_label_table(root, options=table)
+    if record and record.get("table") and root.resolve() == Path(record["table"]):
+        return _training_table(root, rows, record, classes=classes, split=split, task=task)
+    splits = {row.split for row in rows.rows}
+    if split in (None, "all") and splits == {None}:
+        return Selection(_table_samples(rows, None, classes=classes, task=task), root.stem, None, held_out=True)
+    if splits == {None}:
+        raise UsageError(f"--split {split}: {root} has no split column, so it has no {split} rows; drop --split to "
+                         "score all its rows")
+    chosen = split or ("test" if "test" in splits else "val")
+    samples = _table_samples(rows, None if chosen == "all" else chosen, classes=classes, task=task)
+    if not samples:
+        raise UsageError(f"--split {chosen}: {root} has no {chosen} rows")
+    return Selection(samples, f"{root.stem}-{chosen}", chosen, held_out=chosen in ("val", "test"))
+
+
+def _table_samples(table: LabelTable, split: str | None, *, classes: Sequence[str], task: Task) -> list[Sample]:
+    """The rows of ``split`` (None: every row) labelled by the model's classes; a label the model does not know is
+    an error naming its row."""
+    lookup = {c: i for i, c in enumerate(classes)}
+    samples = []
+    for row in table.rows:
+        if split is not None and (row.split or "train") != split:
+            continue
+        unknown = [name for name in row.labels if name not in lookup]
+        if unknown:
+            raise RescliError(f"{table.file}, line {row.line}: label {unknown[0]!r} unknown to the model (its "
+                              f"classes: {', '.join(classes)})")
+        samples.append((row.path, task.from_indices([lookup[name] for name in row.labels])))
+    return samples
+
+
+def _training_table(root: Path, table: LabelTable, record: dict[str, Any], *, classes: Sequence[str],
+                    split: str | None, task: Task) -> Selection:
+    stored = {
+        name: [(str(Path(record["root"]) / rel), task.from_record(y)) for rel, y in zip(part["paths"], part["labels"])]
+        for name, part in record["splits"].items()
+    }
+    has_test = any(row.split == "test" for row in table.rows)
+    chosen = split or ("test" if has_test else "val")
+    if chosen == "test" and not has_test:
+        raise UsageError(f"--split test: the model was trained on {root}, which has no test rows; choose val (the "
+                         "images it held out), train or all")
+    test = _table_samples(table, "test", classes=classes, task=task) if chosen in ("test", "all") else []
+    samples = {"train": stored["train"], "val": stored["val"], "test": test,
+               "all": stored["train"] + stored["val"] + test}[chosen]
+    listed = {p for part in stored.values() for p, _ in part}
+    added = len({row.path for row in table.rows if row.split != "test"} - listed)
+    note = (
+        f"{root} is the table this model was trained on: scoring the {len(samples)} {_SPLIT_WORDS[chosen]}"
+        + (" (--split train|val|all to choose)" if split is None else "")
+        + (f"; {added} row(s) added since training belong to no split and are not scored" if added else "")
+    )
+    return Selection(samples, f"{root.stem}-{chosen}", chosen, held_out=chosen in ("val", "test"), note=note)
 
 
 def count_seen_in_training(

@@ -1,7 +1,8 @@
 """The rescli export format, shared by every kind of export: the metadata it carries and the signature it has.
 
 An export takes a normalised float32 NCHW batch and returns logits. What is needed to build that input and
-read the output (class names, image size, mean/std, temperature) travels inside the file as one JSON object
+read the output (class names, image size, mean/std, temperature, the task and, multi-label, each class's
+threshold) travels inside the file as one JSON object
 under ``META_KEY`` (a TorchScript extra file, an ONNX ``metadata_props`` entry), so an export can be used
 without rescli: plain ``torch.jit.load`` or onnxruntime, plus Pillow for the preprocessing
 (examples/predict_onnx.py shows how). ``export_metadata`` writes that object; ``meta_from`` reads it back and
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rescli.core.errors import RescliError, first_line
+from rescli.data.tasks import MULTI_LABEL
 from rescli.models.checkpoint import check_model_metadata, model_fields, versions
 
 META_KEY = "rescli.json"
@@ -28,22 +30,35 @@ EXPORT_FORMAT = "rescli-export"
 EXPORT_AGAIN = "export it again from its checkpoint (rescli export)"
 
 
+#: What the logits mean, single-label and multi-label.
+OUTPUTS = ("logits; softmax(logits / temperature) gives calibrated probabilities",
+           "logits; sigmoid(logits / temperature) gives each class's probability; a class is predicted where its "
+           "probability reaches its threshold (thresholds, one per class)")
+
+
+EXPORTED_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "micro_f1", "mean_average_precision")
+
+
+EXPORTED_SETTINGS = ("data_dir", "val_split", "seed", "multi_label", "label_sep", "path_column", "label_column")
+
+
 def export_metadata(ckpt: dict[str, Any], *, source: str | None = None) -> dict[str, Any]:
     """The metadata an export of ``ckpt`` carries (``source``: the checkpoint's file name)."""
     metrics = ckpt.get("metrics", {})
     settings = ckpt.get("settings", {})
+    fields = model_fields(ckpt)
     return {
         "format": EXPORT_FORMAT,
-        **model_fields(ckpt),
+        **fields,
         "input": "float32 NCHW RGB, scaled to [0,1] then (x - mean) / std",
         "preprocess": "RGB (EXIF-upright, transparency on white); central square (side = the shorter side) resized "
                       "to img_size x img_size (bilinear, antialiased)",
-        "output": "logits; softmax(logits / temperature) gives calibrated probabilities",
-        "metrics": {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1") if k in metrics},
+        "output": OUTPUTS[fields["task"] == MULTI_LABEL],
+        "metrics": {k: metrics[k] for k in EXPORTED_METRICS if k in metrics},
         "versions": versions(),
         "trained_with": ckpt.get("versions", {}),
-        # what evaluate needs to rebuild the validation split of the training folder
-        "settings": {k: settings[k] for k in ("data_dir", "val_split", "seed") if k in settings},
+        # what evaluate needs to rebuild the validation split of the training folder, or read its table
+        "settings": {k: settings[k] for k in EXPORTED_SETTINGS if k in settings},
         "data": ckpt.get("data"),  # the training folder and its split, file for file: evaluate scores the held-out part
         "source": source,
         # engine, precision, int8 calibration and the validation-split check it passed (inference.checked_export);

@@ -45,7 +45,7 @@ def write_onnx(net: torch.nn.Module, *, example: torch.Tensor, meta: dict[str, A
     proto = onnx.load_from_string(buf.getvalue())
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta)
-    proto.doc_string = f"rescli export of {meta['arch']} ({len(meta['classes'])} classes)"
+    proto.doc_string = f"rescli export of {meta['arch']} ({len(meta['classes'])} classes, {meta['task']})"
     onnx.checker.check_model(proto)
     atomic_write_bytes(path, proto.SerializeToString())
 

@@ -13,6 +13,7 @@ import torch
 from rescli.core import events
 from rescli.core.errors import RescliError, first_line
 from rescli.core.runtime import Runtime
+from rescli.data.tasks import SINGLE, Task, task_named
 from rescli.data.transforms import build_transform, to_model_input
 
 
@@ -35,6 +36,8 @@ class Predictor:
     meta: dict[str, Any] = field(default_factory=dict)
     device: torch.device | None = None  # where the model runs (None: onnxruntime decides)
     source: str = "model"  # the file, for errors
+    task: Task = SINGLE  # what the logits mean: one class (softmax), or any labels (a sigmoid each)
+    thresholds: list[float] | None = None  # multi-label: each class's decision threshold (None: 0.5 each)
 
     @classmethod
     def from_metadata(
@@ -42,10 +45,12 @@ class Predictor:
         source: str, meta: dict[str, Any], device: torch.device | None = None,
     ) -> Predictor:
         """A Predictor fed as a model file's checked metadata says (a checkpoint, or an export's rescli.json)."""
+        thresholds = fields.get("thresholds")
         return cls(
             classes=list(fields["classes"]), img_size=int(fields["img_size"]), mean=list(fields["mean"]),
             std=list(fields["std"]), temperature=float(fields.get("temperature", 1.0)), logits_fn=logits_fn,
-            kind=kind, meta=meta, device=device, source=source,
+            kind=kind, meta=meta, device=device, source=source, task=task_named(fields.get("task")),
+            thresholds=[float(t) for t in thresholds] if thresholds is not None else None,
         )
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:

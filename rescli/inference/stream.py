@@ -24,7 +24,7 @@ from rescli.core.errors import UsageError
 from rescli.inference.inputs import load_input
 from rescli.inference.jpeg import decode_jpegs, jpeg_decode_device
 from rescli.inference.predictor import Predictor
-from rescli.inference.scores import label_rows
+from rescli.inference.scores import rows_for
 
 
 def predict_batches(
@@ -40,7 +40,11 @@ def predict_batches(
     linger: float = 0.05,
     jpeg_device: torch.device | str | None = "auto",
 ) -> Generator[list[dict[str, Any]], None, None]:
-    """Yield one list of result dicts per batch, one dict per path, in input order.
+    """Yield one list of result dicts per batch, one dict per path, in input order (what a row holds depends on
+    the model's task: rescli.inference.scores).
+
+    ``threshold``: single-label, "unknown" below it; multi-label, the one threshold of every class (instead of
+    those stored in the model).
 
     At most ``lookahead`` (default twice batch_size) paths are taken from ``paths`` beyond the batch being
     predicted, so memory does not grow with the number of inputs. A batch is run when it is full, or
@@ -84,8 +88,9 @@ def _rows(items: list[tuple[str, Any, str | None]], predictor: Predictor, *, top
     if decoded:
         device = decoded[0][1].device  # GPU-decoded images are already on the model's device; Pillow's join them there
         logits = predictor.logits(torch.stack([image.to(device, non_blocking=True) for _, image in decoded]))
-        labelled = iter(label_rows([path for path, _ in decoded], logits, classes=predictor.classes, top_k=top_k,
-                                   temperature=temperature, threshold=threshold))
+        rows = rows_for(predictor.task)
+        labelled = iter(rows([path for path, _ in decoded], logits, classes=predictor.classes, top_k=top_k,
+                             temperature=temperature, threshold=threshold, thresholds=predictor.thresholds))
     return [{"path": path, "error": error} if image is None else next(labelled) for path, image, error in items]
 
 

@@ -7,7 +7,7 @@ Every file a run writes goes through a temp file + rename, so a kill at
 any moment leaves either the old file or the new one, never half of one.
 
 ``check_model_metadata`` is the one validation of what a model file says about itself (classes,
-image size, mean/std, temperature), shared by checkpoints and the TorchScript/ONNX exports.
+image size, mean/std, temperature, task and thresholds), shared by checkpoints and the TorchScript/ONNX exports.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch import nn
 from rescli import __version__
 from rescli.core.errors import RescliError, first_line
 from rescli.core.fileio import atomic_write_bytes, json_default
+from rescli.data.tasks import SINGLE_LABEL, task_field_problem
 from rescli.models.registry import arch_spec, check_arch_kwargs, create_model, head_prefix
 
 FORMAT = "rescli-checkpoint"
@@ -68,14 +69,20 @@ def make_checkpoint(
     temperature: float = 1.0,
     settings: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    task: str = SINGLE_LABEL,
+    thresholds: list[float] | None = None,
     **training_state: Any,
 ) -> dict[str, Any]:
-    """Assemble the checkpoint dict. ``training_state`` (optimizer, epoch, ...) goes in last.pt only."""
-    ckpt = {
+    """Assemble the checkpoint dict. ``training_state`` (optimizer, epoch, ...) goes in last.pt only.
+
+    ``thresholds``: multi-label, each class's decision threshold (tuned on the validation split), else absent.
+    """
+    ckpt: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "arch": arch,
         "arch_kwargs": dict(arch_kwargs or {}),
+        "task": task,
         "classes": list(classes),
         "img_size": int(img_size),
         "mean": [float(v) for v in mean],
@@ -88,6 +95,8 @@ def make_checkpoint(
         "versions": versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if thresholds is not None:
+        ckpt["thresholds"] = [float(t) for t in thresholds]
     ckpt.update(training_state)
     return ckpt
 
@@ -208,7 +217,8 @@ def check_model_metadata(
     file and the field otherwise. ``outputs``: the number of logits the network produces, when known.
 
     Each check stands for a failure further on: a std of 0 divides by zero, a temperature of 0 turns every
-    score into NaN (invalid JSON), more logits than classes label images with names they do not have.
+    score into NaN (invalid JSON), more logits than classes label images with names they do not have, a task
+    rescli does not know would read the logits wrongly. Files from before tasks existed are single-label.
     """
     fix = f"; {fix}" if fix else ""
 
@@ -234,6 +244,9 @@ def check_model_metadata(
     temperature = meta.get("temperature", 1.0)
     if not _is_finite(temperature) or not temperature > 0:
         raise bad("temperature", "expected a finite number above 0 (logits are divided by it)")
+    problem = task_field_problem(meta)
+    if problem is not None:
+        raise bad(*problem)
     if outputs is not None and outputs != len(classes):
         raise bad("classes", f"{len(classes)} names, but the model outputs {outputs} logits (one per class expected)")
 
@@ -267,16 +280,21 @@ def model_fields(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     """What a loaded checkpoint says about its network, how to feed it and how to read its logits.
 
     One list for every place that passes these on: an export's metadata and ``rescli info`` show the same fields.
+    ``thresholds`` only where the model has them (multi-label).
     """
-    return {
+    fields = {
         "arch": ckpt["arch"],
         "arch_kwargs": ckpt.get("arch_kwargs", {}),
+        "task": ckpt.get("task", SINGLE_LABEL),
         "classes": ckpt["classes"],
         "img_size": ckpt["img_size"],
         "mean": ckpt["mean"],
         "std": ckpt["std"],
         "temperature": ckpt.get("temperature", 1.0),
     }
+    if ckpt.get("thresholds") is not None:
+        fields["thresholds"] = ckpt["thresholds"]
+    return fields
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], *, source: str | os.PathLike | None = None) -> nn.Module:

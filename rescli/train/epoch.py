@@ -79,13 +79,14 @@ class ImageBatches:
             self.dataset, batch_size=self.per_process_batch, shuffle=False, workers=self.workers,
             pin_memory=self.pin_memory, sampler=[i for slot in slots for i in slot], seed=self.seed + epoch,
         )
-        for batch in _padded(loader, len(slots), img_size=self.img_size):
+        empty = self.dataset.task.empty_targets(self.dataset.n_classes)  # a batch without images: the targets' shape
+        for batch in _padded(loader, len(slots), img_size=self.img_size, empty_targets=empty):
             for _, msg in batch.failures:
                 self.notes.once(msg, f"skipped during training: {msg}")
-            if batch.labels.numel() == 1 and batchnorm_in_training:
-                batch = _without_images(batch, self.img_size)
+            if len(batch.labels) == 1 and batchnorm_in_training:
+                batch = _without_images(batch, self.img_size, empty_targets=empty)
                 self.notes.once("lone image", self.lone_image_note, warning=False)
-            if batch.labels.numel() > 0 or self.distributed:  # every process takes part in every step
+            if len(batch.labels) > 0 or self.distributed:  # every process takes part in every step
                 x = to_model_input(batch.images, device=self.runtime.device, mean=self.mean, std=self.std,
                                    channels_last=self.runtime.channels_last)
                 yield x, batch.labels.to(self.runtime.device, non_blocking=True)
@@ -102,24 +103,25 @@ def lone_image_note(*, train_images: int, batch_size: int, processes: int) -> st
     )
 
 
-def _padded(loader: Iterable[Batch], steps: int, *, img_size: int) -> Iterator[Batch]:
+def _padded(loader: Iterable[Batch], steps: int, *, img_size: int, empty_targets: torch.Tensor) -> Iterator[Batch]:
     """A process's batches, then empty ones up to ``steps``: in a last global batch smaller than the number of
     processes some get no image, yet every process must take part in every (all-reducing) step."""
     n = 0
     for batch in loader:
-        if batch.labels.numel() == 0:  # every image of the slot failed to load: an empty batch of the right shape
+        if len(batch.labels) == 0:  # every image of the slot failed to load: an empty batch of the right shape
             batch.images = torch.zeros(0, 3, img_size, img_size, dtype=torch.uint8)
+            batch.labels = empty_targets
         yield batch
         n += 1
-    empty = torch.zeros(0, dtype=torch.long)
+    no_indices = torch.zeros(0, dtype=torch.long)
     for _ in range(n, steps):
-        yield Batch(torch.zeros(0, 3, img_size, img_size, dtype=torch.uint8), empty, empty, [])
+        yield Batch(torch.zeros(0, 3, img_size, img_size, dtype=torch.uint8), empty_targets, no_indices, [])
 
 
-def _without_images(batch: Batch, img_size: int) -> Batch:
+def _without_images(batch: Batch, img_size: int, *, empty_targets: torch.Tensor) -> Batch:
     """An empty batch of the right shape (keeping the failures to report): a distributed step still takes part."""
-    empty = torch.zeros(0, dtype=torch.long)
-    return Batch(torch.zeros(0, 3, img_size, img_size, dtype=torch.uint8), empty, empty, batch.failures)
+    no_indices = torch.zeros(0, dtype=torch.long)
+    return Batch(torch.zeros(0, 3, img_size, img_size, dtype=torch.uint8), empty_targets, no_indices, batch.failures)
 
 
 def train_one_epoch(

@@ -14,6 +14,7 @@ from rescli.core import events
 from rescli.core.errors import RescliError
 from rescli.core.runtime import Runtime
 from rescli.data.loading import ImageSamples, make_loader
+from rescli.data.tasks import Task
 from rescli.data.transforms import to_model_input
 from rescli.evaluation.evaluate import EvalResult, eval_result
 from rescli.train.distributed import (
@@ -31,7 +32,7 @@ class FeatureSet:
     """Backbone outputs (the head's inputs) for a list of samples, computed once."""
 
     features: torch.Tensor  # float32 [N, D] on the training device
-    labels: torch.Tensor  # int64 [N]
+    labels: torch.Tensor  # the targets: int64 [N], or float32 [N, C] (multi-label)
     indices: list[int]  # positions in the dataset (images that failed to load are absent)
     failures: list[tuple[int, str]]
 
@@ -94,7 +95,7 @@ def extract_features(model: nn.Module, loader, *, runtime: Runtime, mean, std, a
     try:
         for batch in loader:
             failures += batch.failures
-            if batch.labels.numel() == 0:
+            if len(batch.labels) == 0:
                 continue
             x = to_model_input(
                 batch.images, device=runtime.device, mean=mean, std=std, channels_last=runtime.channels_last
@@ -110,7 +111,8 @@ def extract_features(model: nn.Module, loader, *, runtime: Runtime, mean, std, a
     if not feats:
         if allow_empty:
             dim = int(getattr(head, "in_features", 0))
-            empty = torch.zeros(0, dtype=torch.long, device=runtime.device)
+            dataset = loader.dataset
+            empty = dataset.task.empty_targets(dataset.n_classes).to(runtime.device)
             return FeatureSet(torch.zeros(0, dim, device=runtime.device), empty, [], failures)
         raise RescliError("no image could be read to compute backbone features")
     return FeatureSet(torch.cat(feats), torch.cat(labels), indices, failures)
@@ -130,8 +132,9 @@ def gather_features(ctx: DistContext, fs: FeatureSet, device: torch.device) -> F
     )
 
 
-def eval_features(head: nn.Module, fs: FeatureSet, samples, *, runtime: Runtime) -> EvalResult:
+def eval_features(head: nn.Module, fs: FeatureSet, samples, *, runtime: Runtime, task: Task) -> EvalResult:
     with torch.inference_mode(), runtime.autocast():
         logits = head(fs.features).float()
     paths = [samples[i][0] for i in fs.indices]
-    return eval_result(logits.cpu(), fs.labels.cpu(), paths, [(samples[i][0], msg) for i, msg in fs.failures])
+    return eval_result(logits.cpu(), fs.labels.cpu(), paths, [(samples[i][0], msg) for i, msg in fs.failures],
+                       task=task)

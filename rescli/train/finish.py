@@ -1,5 +1,6 @@
-"""The tail of a run, after its last epoch: best.pt evaluated on the validation split, its temperature fitted,
-and metrics.json, predictions.csv, the figures and report.html written; run.json then marks the run finished.
+"""The tail of a run, after its last epoch: best.pt evaluated on the validation split, its temperature fitted (and,
+multi-label, each class's threshold tuned), and metrics.json, predictions.csv, the figures and report.html written;
+run.json then marks the run finished.
 
 Every file of the tail is written atomically and best.pt last, so an interrupt here loses nothing: --resume
 sees that run.json is not marked finished and runs the tail again."""
@@ -12,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from rescli.data.tasks import MULTI
 from rescli.evaluation.artefacts import write_evaluation
 from rescli.evaluation.evaluate import run_eval
 from rescli.insight.reports import heatmaps_for_model, validation_suspects
@@ -58,14 +60,18 @@ def write_final_evaluation(
         out_dir=run_dir, ev=ev, classes=records.classes, fit=True, history=state.history,
         extra={
             "best_epoch": state.best_epoch + 1, "epochs_run": len(state.history), "stopped_early": state.stopped_early,
-            # Issue #16: the validation images whose label best.pt doubts most (rescli.insight.reports).
-            "label_issues": validation_suspects(ev.logits, ev.y_true, ev.paths, records.classes),
+            # Issue #16: the validation images whose label best.pt doubts most (rescli.insight.reports); confident
+            # learning ranks one given label per image, so a multi-label run has none.
+            **({} if ev.task is MULTI else
+               {"label_issues": validation_suspects(ev.logits, ev.y_true, ev.paths, records.classes)}),
         },
         heatmaps=heatmaps_for_model(run_dir / "best.pt"),  # issue #16: top_losses.png shows where it looked
     )
     best = load_checkpoint(run_dir / "best.pt")
     best["metrics"] = metrics
     best["temperature"] = float(metrics["temperature"])
+    if "thresholds" in metrics:  # multi-label: what predict decides each class by
+        best["thresholds"] = [float(t) for t in metrics["thresholds"]]
     save_checkpoint(best, run_dir / "best.pt")
     records.write_run_info({**run_info, "finished": True})  # --resume: nothing left to do
     return metrics

@@ -24,6 +24,7 @@ from rescli.core import events
 from rescli.core.errors import RescliError
 from rescli.core.runtime import resolve_device
 from rescli.data.scan import scan_dataset
+from rescli.data.tasks import MULTI
 from rescli.evaluation.evaluate import EvalResult
 from rescli.inference.predictor import torch_logits_fn
 from rescli.models.registry import create_model
@@ -74,10 +75,11 @@ from rescli.train.settings import (
     peak_lr,
     resolve_strategy,
     settings_record,
+    table_options,
     training_runtime,
 )
 from rescli.train.state import EpochTotals, TrainingState, restore_rng, seed_everything
-from rescli.train.step import NonFiniteLoss, SoftmaxObjective, Trainer, class_weights_for, maybe_sync_bn
+from rescli.train.step import NonFiniteLoss, Trainer, maybe_sync_bn, objective_for
 from rescli.train.validation import validate
 
 
@@ -130,7 +132,8 @@ def _prepare(
     # scans and hands the index to the others, so every process has the same split. A resumed run keeps the
     # split it started with, file for file.
     def scan():
-        found = scan_dataset(s.data_dir, val_split=s.val_split, seed=s.seed, strict=s.strict, workers=s.workers)
+        found = scan_dataset(s.data_dir, val_split=s.val_split, seed=s.seed, strict=s.strict, workers=s.workers,
+                             table=table_options(s))
         return checked_index(found, start=start, run_dir=run_dir)
 
     index = on_main(ctx, scan)
@@ -212,10 +215,9 @@ def _trainer(run: Run) -> Trainer:
     s = run.settings
     steps_per_epoch = max(1, math.ceil(run.train_images / batch_size_of(s)))
     plan = Plan(run.strategy, run.frozen_epochs, s.epochs, steps_per_epoch, s.warmup_fraction)
-    labels = [y for _, y in run.index.splits["train"]]
-    objective = SoftmaxObjective(
-        class_weights=class_weights_for(labels, len(run.classes), run.runtime.device) if s.balance else None,
-        label_smoothing=s.label_smoothing, summed=run.ctx.enabled,
+    objective = objective_for(
+        run.index.task, samples=run.index.splits["train"], n_classes=len(run.classes), balance=s.balance,
+        label_smoothing=s.label_smoothing, summed=run.ctx.enabled, device=run.runtime.device,
     )
     return Trainer(run.model, settings=s, plan=plan, runtime=run.runtime, ctx=run.ctx, objective=objective,
                    on_features=run.features is not None, train_images=run.train_images)
@@ -231,7 +233,7 @@ def _records(run: Run, *, epochs_left: int) -> tuple[RunRecords, dict[str, Any]]
     records = RunRecords(
         run.run_dir, writes=ctx.is_main, arch=s.arch, arch_kwargs=s.arch_kwargs, classes=run.classes,
         img_size=s.img_size, mean=run.weights.mean, std=run.weights.std, settings=settings,
-        data=data_record(run.index),
+        data=data_record(run.index), task=run.index.task.name,
     )
     run_info = describe_run(run, settings=settings, image_cache=image_cache)
     records.write_run_info(run_info)
@@ -345,8 +347,9 @@ def _history_row(
 
 def _describe_start(run: Run) -> str:
     s, ctx = run.settings, run.ctx
+    kind = f"{len(run.classes)} labels (multi-label)" if run.index.task is MULTI else f"{len(run.classes)} classes"
     return (
-        f"{s.arch} · {len(run.classes)} classes · {len(run.index.splits['train'])} train / "
+        f"{s.arch} · {kind} · {len(run.index.splits['train'])} train / "
         f"{len(run.index.splits['val'])} val images · {run.runtime.describe()} · strategy {run.strategy}"
         + (f" ({run.frozen_epochs} frozen epoch(s))" if run.strategy == "gradual" else "")
         + (f" · {ctx.world_size} processes ({backend()}), {batch_size_of(s) // ctx.world_size} images each a step"

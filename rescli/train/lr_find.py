@@ -22,9 +22,10 @@ from torch import nn
 from rescli.core import events
 from rescli.core.errors import RescliError, UsageError
 from rescli.core.runtime import Runtime, default_workers
-from rescli.data.loading import ImageSamples, make_loader
+from rescli.data.loading import make_loader
 from rescli.data.scan import scan_dataset
-from rescli.data.transforms import build_transform, draft_size_for, to_model_input
+from rescli.data.tasks import MULTI, SINGLE
+from rescli.data.transforms import to_model_input
 from rescli.models.registry import create_model
 from rescli.models.weights import load_pretrained
 from rescli.train.distributed import DistContext, on_main
@@ -33,16 +34,19 @@ from rescli.train.params import (
     param_groups,
     set_backbone_trainable,
 )
+from rescli.train.prepare import training_dataset
 from rescli.train.run_folder import report_scan
 from rescli.train.settings import (
     TrainSettings,
     auto_batch_size,
     batch_size_of,
     resolve_strategy,
+    table_options,
     training_runtime,
     validate_settings,
 )
 from rescli.train.state import seed_everything
+from rescli.train.step import Objective, objective_for
 
 
 @dataclass
@@ -158,7 +162,8 @@ def range_test(
     if len(train_ds) == 0:
         raise RescliError("lr-find: no training images")
     sweep = _Sweep(model, runtime=runtime, mean=mean, std=std, frozen_backbone=frozen_backbone,
-                   weight_decay=weight_decay, label_smoothing=label_smoothing, start_lr=start_lr)
+                   weight_decay=weight_decay, objective=_objective(train_ds, label_smoothing, runtime),
+                   start_lr=start_lr)
     ratio = (end_lr / start_lr) ** (1.0 / (num_steps - 1))
     curve = _Curve(smoothing, divergence)
     g = torch.Generator()
@@ -174,7 +179,7 @@ def range_test(
             for batch in loader:
                 if len(curve.lrs) >= num_steps:
                     break
-                if batch.labels.numel() == 0:
+                if len(batch.labels) == 0:
                     continue
                 usable += 1
                 lr = start_lr * ratio ** len(curve.lrs)
@@ -191,12 +196,20 @@ def range_test(
     return _result(curve, start_lr=start_lr)
 
 
+def _objective(train_ds, label_smoothing: float, runtime: Runtime) -> Objective:
+    """The loss of the data's task, as training has it but without class weights."""
+    return objective_for(
+        getattr(train_ds, "task", SINGLE), samples=[], n_classes=getattr(train_ds, "n_classes", 0), balance=False,
+        label_smoothing=label_smoothing, summed=False, device=runtime.device,
+    )
+
+
 class _Sweep:
     """A copy of the model and its optimiser for the test (the caller's model is left untouched)."""
 
     def __init__(
         self, model: nn.Module, *, runtime: Runtime, mean, std, frozen_backbone: bool, weight_decay: float,
-        label_smoothing: float, start_lr: float,
+        objective: Objective, start_lr: float,
     ) -> None:
         self.net = copy.deepcopy(model)
         self.runtime, self.mean, self.std = runtime, mean, std
@@ -208,7 +221,7 @@ class _Sweep:
         groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
         fused = runtime.device.type in ("cuda", "cpu") or None
         self.optimizer = torch.optim.AdamW(groups, lr=start_lr, fused=fused)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.objective = objective  # the task's training loss, without class weights
         self.trainable = [p for g in groups for p in g["params"] if p.requires_grad]
 
     def step(self, batch, *, lr: float) -> float:
@@ -219,7 +232,7 @@ class _Sweep:
                            channels_last=self.runtime.channels_last)
         y = batch.labels.to(self.runtime.device)
         with self.runtime.autocast():
-            loss = self.criterion(self.net(x).float(), y)
+            loss = self.objective.loss(self.net(x).float(), y, y, 1.0)
         value = loss.item()
         if not math.isfinite(value):
             return value
@@ -286,7 +299,7 @@ def find_lr(
     seed_everything(settings.seed)
     index = scan_dataset(
         settings.data_dir, val_split=settings.val_split, seed=settings.seed, strict=settings.strict,
-        workers=settings.workers,
+        workers=settings.workers, table=table_options(settings),
     )
     report_scan(index, None)
     if settings.batch_size is None:  # as finetune would choose it for this folder
@@ -299,14 +312,11 @@ def find_lr(
     )
     runtime = training_runtime(settings)
     model.to(runtime.device).to(memory_format=runtime.memory_format)  # two calls: torch's stubs type no call with both
-    train_ds = ImageSamples(
-        index.splits["train"],
-        build_transform(img_size=settings.img_size, train=True, augment=settings.augment),
-        draft_size=draft_size_for(settings.img_size, train=True),
-    )
+    train_ds = training_dataset(settings, index)
     frozen = strategy == "head" or (strategy == "gradual" and frozen_epochs > 0)
+    kind = "labels (multi-label)" if index.task is MULTI else "classes"
     events.info(
-        f"lr range test: {settings.arch} · {len(classes)} classes · {len(train_ds)} train images · "
+        f"lr range test: {settings.arch} · {len(classes)} {kind} · {len(train_ds)} train images · "
         f"{runtime.describe()} · {'head only (backbone frozen)' if frozen else 'whole network'} · "
         f"lr {start_lr:g} → {end_lr:g} over up to {num_steps} steps"
     )

@@ -48,8 +48,8 @@ def resolve_start(
     if resume is not None:
         run_dir, last = load_resume(resume)  # every process reads last.pt (multi-node: a folder they all see)
         settings = settings_from_dict(last["settings"])
-        if last.get("data"):  # the resolved folder it was trained on, wherever this process was started
-            settings.data_dir = last["data"]["root"]
+        if last.get("data"):  # the resolved folder (or table) it was trained on, wherever this process was started
+            settings.data_dir = last["data"].get("table") or last["data"]["root"]
         if epochs is not None:
             settings.epochs = epochs
         done = int(last["epoch"])
@@ -135,15 +135,11 @@ class RunData:
 def prepare_data(settings: TrainSettings, index: DatasetIndex, *, ctx: DistContext, runtime: Runtime) -> RunData:
     workers = default_workers() if settings.workers is None else settings.workers
     pin = runtime.device.type == "cuda"
-    train_ds = ImageSamples(
-        index.splits["train"],
-        build_transform(img_size=settings.img_size, train=True, augment=settings.augment),
-        draft_size=draft_size_for(settings.img_size, train=True),
-    )
+    train_ds = training_dataset(settings, index)
     val_ds = ImageSamples(
         index.splits["val"],
         build_transform(img_size=settings.img_size, train=False),
-        draft_size=draft_size_for(settings.img_size, train=False),
+        draft_size=draft_size_for(settings.img_size, train=False), task=index.task, n_classes=len(index.classes),
     )
     # Distributed: each process evaluates every N-th validation image; the results are gathered by index.
     val_loader = make_loader(
@@ -151,6 +147,15 @@ def prepare_data(settings: TrainSettings, index: DatasetIndex, *, ctx: DistConte
         sampler=shard(range(len(val_ds)), ctx) if ctx.enabled else None,
     )
     return RunData(train_ds, val_ds, val_loader, workers, pin, batch_size_of(settings) * 2)
+
+
+def training_dataset(settings: TrainSettings, index: DatasetIndex) -> ImageSamples:
+    """The training split as the run (and its learning-rate test) reads it: augmented as asked, the task's targets."""
+    return ImageSamples(
+        index.splits["train"],
+        build_transform(img_size=settings.img_size, train=True, augment=settings.augment),
+        draft_size=draft_size_for(settings.img_size, train=True), task=index.task, n_classes=len(index.classes),
+    )
 
 
 def attach_image_caches(
@@ -208,7 +213,7 @@ def describe_run(run: Run, *, settings: dict[str, Any], image_cache: dict[str, i
     """run.json: what the run is, where it runs, what was found in the data and what was cached."""
     s, index = run.settings, run.index
     info: dict[str, Any] = {
-        "settings": settings, "arch": s.arch, "classes": run.classes, "img_size": s.img_size,
+        "settings": settings, "arch": s.arch, "task": index.task.name, "classes": run.classes, "img_size": s.img_size,
         "mean": run.weights.mean, "std": run.weights.std, "runtime": run.runtime.describe(), "layout": index.layout,
         "counts": {split: index.counts(split) for split in index.splits}, "versions": versions(),
     }

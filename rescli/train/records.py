@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from rescli.core.fileio import atomic_write_json
+from rescli.data.tasks import SINGLE_LABEL
 from rescli.models.checkpoint import make_checkpoint
 from rescli.train.run_folder import save_checkpoint_file
 from rescli.train.state import TrainingState, capture_rng
@@ -31,12 +32,13 @@ class RunRecords:
     settings: dict[str, Any]  # settings_record(): the settings and what they resolved to
     data: dict[str, Any]  # run_folder.data_record(): what evaluate needs to score the held-out images, and resume
     # to keep the split
+    task: str = SINGLE_LABEL  # tasks.SINGLE_LABEL | tasks.MULTI_LABEL
 
     def checkpoint(self, model: nn.Module, *, metrics: dict[str, Any], **training: Any) -> dict[str, Any]:
         return make_checkpoint(
             model_state=model.state_dict(), arch=self.arch, arch_kwargs=self.arch_kwargs, classes=self.classes,
             img_size=self.img_size, mean=self.mean, std=self.std, settings=self.settings, metrics=metrics,
-            data=self.data, **training,
+            data=self.data, task=self.task, **training,
         )
 
     def save_best(self, model: nn.Module, *, metrics: dict[str, Any]) -> None:

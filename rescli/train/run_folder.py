@@ -20,7 +20,9 @@ from rescli.core import events
 from rescli.core.errors import RescliError, UsageError
 from rescli.core.fileio import atomic_write_text
 from rescli.core.paths import refuse_inside_data
+from rescli.data.layout import data_folder
 from rescli.data.scan import DatasetIndex
+from rescli.data.splits import Sample
 from rescli.models.checkpoint import (
     load_checkpoint,
     save_checkpoint,
@@ -140,16 +142,18 @@ def remove_stale_temps(folder: Path) -> list[str]:
 
 
 def open_new_run(output: str | os.PathLike | None, *, data_dir: str | os.PathLike) -> tuple[Path, RunFolderLock]:
-    """The folder of a new run, locked: --output (new, or empty), else the next runs/runN; never inside ``data_dir``.
+    """The folder of a new run, locked: --output (new, or empty), else the next runs/runN; never inside ``data_dir``
+    (a label table's: the folder holding it).
 
     The contents are checked after the lock is taken, so a run that finished between a check and the lock is seen.
     """
+    data = data_folder(data_dir)
     if output is None:
-        refuse_inside_data(Path("runs"), data_dir, what="the run folder")
+        refuse_inside_data(Path("runs"), data, what="the run folder")
         out = new_run_dir()
     else:
         out = Path(output).expanduser()
-        refuse_inside_data(out, data_dir, what="--output")
+        refuse_inside_data(out, data, what="--output")
         check_output_dir(out)  # before mkdir: a usage error creates nothing
         _mkdir(out, parents=True, exist_ok=True)
     lock = RunFolderLock(out).acquire()
@@ -224,13 +228,13 @@ def run_finished(run_dir: Path) -> bool:
 
 
 def data_record(index: DatasetIndex) -> dict[str, Any]:
-    """The resolved data folder and the exact files (relative paths, labels) of both splits, plus a short content
-    hash of every training image: evaluate scores the held-out images and counts trained-on ones elsewhere;
-    --resume keeps the split file for file."""
+    """The resolved data folder (and label table) and the exact files (relative paths, labels: multi-label, the
+    class indices of each image) of both splits, plus a short content hash of every training image: evaluate scores
+    the held-out images and counts trained-on ones elsewhere; --resume keeps the split file for file."""
 
     def part(split: str) -> dict[str, list]:
         samples = index.splits.get(split, [])
-        return {"paths": [index.rel(p) for p, _ in samples], "labels": [int(y) for _, y in samples]}
+        return {"paths": [index.rel(p) for p, _ in samples], "labels": [index.task.record(y) for _, y in samples]}
 
     train_hashes = [
         index.infos[p].sha1[:16] for p, _ in index.splits["train"] if p in index.infos and index.infos[p].sha1
@@ -238,6 +242,7 @@ def data_record(index: DatasetIndex) -> dict[str, Any]:
     return {
         "root": str(Path(index.root).resolve()),
         "layout": index.layout,
+        **({"table": str(index.table.resolve())} if index.table is not None else {}),
         "splits": {"train": part("train"), "val": part("val")},
         "train_sha1": train_hashes,
     }
@@ -259,18 +264,20 @@ def restore_split(index: DatasetIndex, state: dict[str, Any]) -> DatasetIndex:
             f"--resume: the classes of {index.root} changed since the run started ({what}); a resumed run must keep "
             f"its classes. Restore them, or start a new run"
         )
+    if index.task.name != state.get("task", index.task.name):
+        raise RescliError(f"--resume: {index.source} reads as {index.task.name} now, but the run is {state['task']}")
     record = state.get("data")
     if not record:  # a last.pt from before stored splits: the split is drawn again from the seed, as it was then
         return index
     root = Path(record["root"])
     usable = {p for split in ("train", "val") for p, _ in index.splits.get(split, [])}
-    kept: dict[str, list[tuple[str, int]]] = {}
+    kept: dict[str, list[Sample]] = {}
     listed: set[str] = set()
     for split in ("train", "val"):
         entries = record["splits"][split]
         paths = [str(root / rel) for rel in entries["paths"]]
         listed.update(paths)
-        kept[split] = [(p, int(y)) for p, y in zip(paths, entries["labels"]) if p in usable]
+        kept[split] = [(p, index.task.from_record(y)) for p, y in zip(paths, entries["labels"]) if p in usable]
     missing = len(listed) - sum(len(v) for v in kept.values())
     added = len(usable - listed)
     if added:

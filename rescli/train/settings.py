@@ -8,6 +8,7 @@ from typing import Any
 
 from rescli.core.errors import RescliError, UsageError
 from rescli.core.runtime import Runtime, select_runtime
+from rescli.data.tables import TableOptions
 from rescli.models.checkpoint import MAX_IMG_SIZE
 from rescli.models.registry import arch_spec
 
@@ -51,6 +52,11 @@ class TrainSettings:
     # Keep decoded validation images (and training ones with --augment none) in RAM after epoch 1.
     cache_images: bool = True
     sync_bn: bool = False  # distributed runs on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
+    # A label table (data_dir names a .csv, .tsv, .jsonl or .parquet file): how to read it.
+    multi_label: bool = False  # several labels per image: a sigmoid per class, binary cross-entropy
+    label_sep: str = " "  # what separates an image's labels in the label column (multi-label)
+    path_column: str | None = None  # None: found by name (path, file, filename, image, image_path, fname)
+    label_column: str | None = None  # None: found by name (label, labels, tags, class, category, target)
 
 
 def settings_from_dict(d: dict[str, Any]) -> TrainSettings:
@@ -58,6 +64,12 @@ def settings_from_dict(d: dict[str, Any]) -> TrainSettings:
     ignored."""
     known = {f.name for f in fields(TrainSettings)}
     return TrainSettings(**{k: v for k, v in d.items() if k in known})
+
+
+def table_options(settings: TrainSettings) -> TableOptions:
+    """How the run reads a label table (its data_dir, when that is one)."""
+    return TableOptions(path_column=settings.path_column, label_column=settings.label_column,
+                        multi_label=settings.multi_label, label_sep=settings.label_sep)
 
 
 def resolve_strategy(strategy: str, *, pretrained: bool, epochs: int, freeze_epochs: int) -> tuple[str, int]:
@@ -139,6 +151,8 @@ def validate_settings(settings: TrainSettings) -> None:
         raise UsageError("warmup_fraction must be in [0, 1) and backbone_lr_ratio in (0, 1]")
     if settings.patience is not None and settings.patience < 1:
         raise UsageError("--patience must be at least 1")
+    if not settings.label_sep:
+        raise UsageError("--label-sep: give the text that separates an image's labels (a space by default)")
 
 
 def _parsed_lr(lr: float | str) -> float | str:

@@ -1,14 +1,15 @@
 """One optimisation step, the same body whether the batch is images through the whole network or cached backbone
 features through the head: mix, forward, loss, the checks every process agrees on, backward, update.
 
-``SoftmaxObjective`` is the one place that knows the task: the loss of a batch and how many of it were right.
-Another task (multi-label: sigmoid and binary cross-entropy) is another object with the same three methods.
+The objective is the one place of a step that knows the task: the loss of a batch and how many of it were right.
+``SoftmaxObjective`` (single-label: cross-entropy) and ``SigmoidObjective`` (multi-label: binary cross-entropy, a
+sigmoid per class) have the same three methods; ``objective_for`` picks the task's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
@@ -16,6 +17,8 @@ from torch import nn
 
 from rescli.core.errors import RescliError
 from rescli.core.runtime import Runtime
+from rescli.data.splits import Sample
+from rescli.data.tasks import MULTI, Task
 from rescli.train.distributed import DistContext, all_reduce_sum, convert_sync_bn, wrap
 from rescli.train.mixing import mix_batch, mix_rng
 from rescli.train.params import freeze_batchnorm_stats, head, param_groups, set_backbone_trainable
@@ -51,11 +54,71 @@ class SoftmaxObjective:
         return hits if lam == 1.0 else hits + (1 - lam) * int((pred == y_b).sum())
 
 
+class SigmoidObjective:
+    """Multi-label classification: binary cross-entropy of each class's sigmoid (optional positive weights), label
+    smoothing towards 1/2, the mean over the classes of an image."""
+
+    def __init__(self, *, pos_weight: torch.Tensor | None, label_smoothing: float, summed: bool) -> None:
+        self.pos_weight = pos_weight
+        self.smoothing = label_smoothing
+        self.summed = summed  # as SoftmaxObjective: each process sums, the step divides by the global batch
+        self.criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="none")
+
+    def loss(self, logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: float) -> torch.Tensor:
+        """The batch's loss; binary cross-entropy is linear in its target, so a mixed batch mixes the targets."""
+        target = y_a if lam == 1.0 else lam * y_a + (1 - lam) * y_b
+        if self.smoothing:
+            target = target * (1 - self.smoothing) + self.smoothing / 2
+        per_image = self.criterion(logits, target).mean(1)
+        return per_image.sum() if self.summed else per_image.mean()
+
+    def weight(self, labels: torch.Tensor) -> float:
+        return float(len(labels))
+
+    def correct(self, logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: float) -> float:
+        """Images right, counting each by the share of its classes decided right at 1/2 (fastai's accuracy_multi)."""
+        pred = (logits.detach() > 0).float()
+        hits = lam * float((pred == y_a).float().mean(1).sum())
+        return hits if lam == 1.0 else hits + (1 - lam) * float((pred == y_b).float().mean(1).sum())
+
+
+Objective = Union[SoftmaxObjective, SigmoidObjective]
+
+
+def objective_for(
+    task: Task, *, samples: list[Sample], n_classes: int, balance: bool, label_smoothing: float, summed: bool,
+    device: torch.device,
+) -> Objective:
+    """The training objective of ``task``; ``balance`` weighs rare classes (single-label) or rare positives
+    (multi-label) up, from the training ``samples``."""
+    if task is MULTI:
+        pos_weight = positive_weights_for([y for _, y in samples], n_classes, device) if balance else None
+        return SigmoidObjective(pos_weight=pos_weight, label_smoothing=label_smoothing, summed=summed)
+    weights = class_weights_for([y for _, y in samples], n_classes, device) if balance else None
+    return SoftmaxObjective(class_weights=weights, label_smoothing=label_smoothing, summed=summed)
+
+
 def class_weights_for(labels: list[int], n_classes: int, device: torch.device) -> torch.Tensor:
     """--balance: inverse-frequency loss weights, normalised so a balanced set gets weight 1 everywhere."""
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     weights = torch.tensor(counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
     return weights.to(device)
+
+
+#: --balance, multi-label: a positive weighs at most this many times a negative (a class seen once would
+#: otherwise weigh thousands of times more, and swamp every other class's gradient).
+MAX_POSITIVE_WEIGHT = 100.0
+
+
+def positive_weights_for(labels: list[tuple[int, ...]], n_classes: int, device: torch.device) -> torch.Tensor:
+    """--balance, multi-label: each class's positives weighted by its negatives / positives in the training split,
+    so that both sides weigh the same in the loss (capped at MAX_POSITIVE_WEIGHT)."""
+    positives = np.zeros(n_classes, dtype=np.float64)
+    for label in labels:
+        positives[list(label)] += 1
+    weights = np.clip((len(labels) - positives) / np.maximum(positives, 1), 1.0 / MAX_POSITIVE_WEIGHT,
+                      MAX_POSITIVE_WEIGHT)
+    return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
 @dataclass
@@ -80,7 +143,7 @@ class Trainer:
 
     def __init__(
         self, model: nn.Module, *, settings: TrainSettings, plan: Plan, runtime: Runtime, ctx: DistContext,
-        objective: SoftmaxObjective, on_features: bool, train_images: int,
+        objective: Objective, on_features: bool, train_images: int,
     ) -> None:
         self.model, self.settings, self.plan, self.runtime, self.ctx = model, settings, plan, runtime, ctx
         self.objective = objective

@@ -13,7 +13,9 @@ from rescli.cli.options import (
     Compile,
     Device,
     InferenceBatchSize,
+    LabelColumn,
     OutputFormat,
+    PathColumn,
     Precision,
     RawScores,
     TableOrJson,
@@ -27,16 +29,23 @@ Examples:
     rescli evaluate runs/run1/best.pt ./images --split val --format json | jq .macro_f1
     rescli evaluate model.onnx ./images/test --output reports/onnx-test
     rescli evaluate runs/run1/best.pt ./images/test --no-files --format json > metrics.json
+    rescli evaluate latest labels.csv                 # the rows the run held out of the table it trained on
+    rescli evaluate runs/run2/best.pt test.csv        # a multi-label model on a table: mAP, micro/macro F1
 
-Writes metrics.json, predictions.csv, confusion_matrix.png, top_losses.png, reliability.png and
-report.html into the output folder (never into DATA_DIR). Scores use the temperature stored in
-the model (fitted by finetune on its validation split) unless --raw-scores.
+Writes metrics.json, predictions.csv, confusion_matrix.png (multi-label: pr_curves.png),
+top_losses.png, reliability.png and report.html into the output folder (never into DATA_DIR or
+a table's folder). Scores use the temperature stored in the model (fitted by finetune on its
+validation split) unless --raw-scores; a multi-label model decides each label at its stored
+threshold (0.5 with --raw-scores). A table is read as the model's training table was.
 """
 
 ModelToScore = Annotated[Path, typer.Argument(help=(
     "A rescli checkpoint (.pt) or export (.ts, .onnx), a run folder, or 'latest' (newest runs/*/best.pt). "
     + TRUST_NOTE))]
-LabelledImages = Annotated[Path, typer.Argument(help="Class folders, or a split root (then --split).")]
+LabelledImages = Annotated[Path, typer.Argument(help=(
+    "Class folders, a split root (then --split), or a label table (.csv, .tsv, .jsonl, .parquet)."))]
+TableLabelSep = Annotated[Optional[str], typer.Option("--label-sep", help=(
+    "What separates a multi-label table's labels [default: the separator of the model's training table]."))]
 Split = Annotated[Optional[str], typer.Option("--split", help=(
     "train, val, test or all. On the folder the model was trained on: its held-out images by default (test if it "
     "had one, else val). On a split root: test if present, else val. Elsewhere: every image."))]
@@ -57,9 +66,13 @@ def evaluate(
     device: Device = "auto",
     precision: Precision = "auto",
     compile: Compile = False,
+    path_column: PathColumn = None,
+    label_column: LabelColumn = None,
+    label_sep: TableLabelSep = None,
     fmt: OutputFormat = TableOrJson.table,
 ) -> None:
-    """Score MODEL on labelled images: accuracy, per-class P/R/F1, confusion matrix, mistakes, calibration (ECE)."""
+    """Score MODEL on labelled images: accuracy, per-class P/R/F1, confusion matrix, mistakes, calibration (ECE);
+    multi-label: mAP, micro/macro F1, subset accuracy, hamming loss, per-label P/R/F1/AP."""
     threads_for_load()
     from rescli.evaluation.folder import evaluate_folder
     from rescli.inference.lookup import resolve_model_path
@@ -68,6 +81,7 @@ def evaluate(
     metrics, _, out_dir = evaluate_folder(
         model=model, data_dir=data_dir, split=split, output=output, raw_scores=raw_scores, write_files=not no_files,
         batch_size=batch_size, workers=workers, device=device, precision=precision, compile=compile,
+        path_column=path_column, label_column=label_column, label_sep=label_sep,
     )
     _say_what_was_evaluated(metrics)
     if out_dir is not None:

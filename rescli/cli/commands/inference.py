@@ -23,7 +23,14 @@ from rescli.cli.options import (
     RawScores,
     TableOrJson,
 )
-from rescli.cli.predict_output import FIELDS, choose_fields, row_writer, write_predictions
+from rescli.cli.predict_output import (
+    FIELDS,
+    MULTI_LABEL_FIELDS,
+    check_field_names,
+    choose_fields,
+    row_writer,
+    write_predictions,
+)
 from rescli.core.cpus import let_idle_threads_sleep
 from rescli.core.errors import UsageError
 
@@ -36,6 +43,12 @@ Examples:
     find shots -name '*.jpg' -print0 | rescli predict -0 - --format csv > labels.csv
     rescli predict 'shots/**/*.png' @more_paths.txt --format tsv --fields path,label
     rescli predict ./inbox --model model.onnx --format jsonl | jq -r 'select(.error) | .path'
+    rescli predict ./tiles --model runs/run4 --format jsonl | jq -c '.labels'   # a multi-label model
+    rescli predict ./tiles --model runs/run4 --format csv --label-sep ';' --threshold 0.3
+
+A multi-label model's rows hold labels (those at or above their thresholds, tuned on the
+validation split; possibly none) and scores (every label's probability) instead of label and
+score; csv/tsv join the labels with --label-sep.
 
 Exit status: 0 all inputs labelled, 1 some input failed (its row has an error field), 2 usage error.
 """
@@ -48,10 +61,14 @@ PredictModel = Annotated[Optional[str], typer.Option("--model", "-m", help=(
 TopK = Annotated[int, typer.Option("--top-k", "-k", help="How many labels to report per image (the topk field).")]
 PredictFormatOption = Annotated[PredictFormat, typer.Option(
     "--format", "-f", help="table (people), jsonl, json, csv or tsv.")]
-Fields = Annotated[Optional[str], typer.Option(
-    "--fields", help=f"Comma-separated columns, in order: {','.join(FIELDS)}.")]
-Threshold = Annotated[Optional[float], typer.Option(
-    "--threshold", help="Label 'unknown' when the top score is below this (0..1).")]
+Fields = Annotated[Optional[str], typer.Option("--fields", help=(
+    f"Comma-separated columns, in order: {','.join(FIELDS)}; a multi-label model's: {','.join(MULTI_LABEL_FIELDS)}."))]
+Threshold = Annotated[Optional[float], typer.Option("--threshold", help=(
+    "Label 'unknown' when the top score is below this (0..1). Multi-label: one threshold for every label, instead "
+    "of the tuned ones."))]
+PredictLabelSep = Annotated[Optional[str], typer.Option("--label-sep", help=(
+    "csv/tsv of a multi-label model: what joins the labels of a row [default: the model's training table's "
+    "separator, else a space]."))]
 NullSeparated = Annotated[bool, typer.Option(
     "-0", "--null", help="Paths on stdin / in list files are NUL-separated (find -print0).")]
 DecodeThreads = Annotated[int, typer.Option("--workers", help="Decode threads.")]
@@ -78,6 +95,7 @@ def predict(
     precision: Precision = "auto",
     compile: Compile = False,
     jpeg_decoder: JpegDecoderOption = JpegDecoder.auto,
+    label_sep: PredictLabelSep = None,
     quiet: Quiet = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -91,21 +109,25 @@ def predict(
 
     if quiet:
         warnings.simplefilter("ignore")  # library warnings are chatter too
-    chosen = choose_fields(fields, top_k=top_k, fmt=fmt)
+    check_field_names(fields)
     _check_predict_numbers(top_k=top_k, batch_size=batch_size, threshold=threshold)
     check_inputs(inputs)
     path, how = resolve_model_path(model)
     predictor = load_predictor(path, device=device, precision=precision, compile=compile)
+    multi_label = predictor.task.name == "multi-label"
+    chosen = choose_fields(fields, top_k=top_k, fmt=fmt, multi_label=multi_label)
     jpeg_device = _jpeg_device(jpeg_decoder, predictor)
     if not quiet:
-        console.info(f"model: {path} ({how}; {predictor.kind}, {len(predictor.classes)} classes)")
+        kind = "labels, multi-label" if multi_label else "classes"
+        console.info(f"model: {path} ({how}; {predictor.kind}, {len(predictor.classes)} {kind})")
         if "-" in inputs and sys.stdin.isatty():
             console.info("reading image paths from the terminal, one per line; end with Ctrl-D")
     batches = predict_batches(
         iter_input_paths(inputs, null_separated=null), predictor=predictor, batch_size=batch_size, workers=workers,
         top_k=top_k, raw_scores=raw_scores, threshold=threshold, jpeg_device=jpeg_device,
     )
-    writer = row_writer(fmt, chosen, classes=predictor.classes, top_k=top_k)
+    sep = label_sep or predictor.meta.get("settings", {}).get("label_sep") or " "
+    writer = row_writer(fmt, chosen, classes=predictor.classes, top_k=top_k, label_sep=sep)
     done, failed = write_predictions(batches, writer, quiet=quiet, progress=not (quiet or no_progress))
     if done == 0 and not quiet:
         console.warn("no input paths were given on stdin or in the list files")

@@ -18,8 +18,12 @@ from rescli.cli.options import (
     Depth,
     Device,
     ImgSize,
+    LabelColumn,
+    LabelSep,
     LabelSmoothing,
+    MultiLabel,
     OutputFormat,
+    PathColumn,
     Precision,
     Seed,
     Shortcut,
@@ -48,6 +52,9 @@ Examples:
     rescli finetune --resume runs/run3 --epochs 10   # ... or train it longer
     rescli finetune ./images --gpus 4 --batch-size 256   # 4 GPUs (DDP via torchrun); 256 = the global batch
     torchrun --nproc-per-node 4 -m rescli finetune ./images --batch-size 256   # the same, started by hand
+    rescli finetune labels.csv                       # a label table: path and label columns, one row per image
+    rescli finetune labels.csv --multi-label         # several labels per row ("cat dog"): a sigmoid per label
+    rescli finetune train.csv --multi-label --label-sep ';' --path-column image_id --label-column tags
 """
 
 # Options of finetune alone.
@@ -67,8 +74,9 @@ CacheImages = Annotated[bool, typer.Option("--cache-images/--no-cache-images", h
     "within a quarter of free memory."))]
 Patience = Annotated[Optional[int], typer.Option(
     "--patience", help="Stop after this many epochs without a better validation accuracy.")]
-Balance = Annotated[bool, typer.Option(
-    "--balance", help="Weight the loss by inverse class frequency (for imbalanced folders).")]
+Balance = Annotated[bool, typer.Option("--balance", help=(
+    "Weight the loss by inverse class frequency (for imbalanced folders); multi-label, each label's positives by "
+    "its negatives / positives."))]
 Strict = Annotated[bool, typer.Option("--strict", help="Stop on any broken image instead of skipping it.")]
 CompileTraining = Annotated[bool, typer.Option(
     "--compile", help="torch.compile the model for training (slower start, faster steps; single process).")]
@@ -119,6 +127,10 @@ def finetune(
     resume: Resume = None,
     gpus: Gpus = None,
     sync_bn: SyncBatchNorm = False,
+    multi_label: MultiLabel = False,
+    label_sep: LabelSep = " ",
+    path_column: PathColumn = None,
+    label_column: LabelColumn = None,
     fmt: OutputFormat = TableOrJson.table,
 ) -> None:
     """Fine-tune a ResNet on DATA_DIR and write a run folder (best.pt, last.pt, history.csv, metrics.json)."""
@@ -144,7 +156,8 @@ def finetune(
             weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, patience=patience,
             balance=balance, val_split=val_split, seed=seed, workers=workers, device=device, precision=precision,
             strict=strict, compile=compile_, mixup=mixup, cutmix=cutmix, cache_features=cache_features,
-            cache_images=cache_images, sync_bn=sync_bn,
+            cache_images=cache_images, sync_bn=sync_bn, multi_label=multi_label, label_sep=label_sep,
+            path_column=path_column, label_column=label_column,
         )
         result = run_finetune(settings=settings, output=output)
     if is_main_process():  # torchrun's other processes: rank 0 prints the one summary
@@ -193,17 +206,26 @@ def _given_options(ctx: typer.Context, *, keep: tuple[str, ...]) -> list[str]:
     return given
 
 
+#: The validation figures finetune reports (summary key: metrics.json key), single-label and multi-label.
+SUMMARY_METRICS = {
+    "single-label": {"val_accuracy": "accuracy", "val_balanced_accuracy": "balanced_accuracy",
+                     "val_macro_f1": "macro_f1"},
+    "multi-label": {"val_map": "mean_average_precision", "val_micro_f1": "micro_f1", "val_macro_f1": "macro_f1",
+                    "val_subset_accuracy": "subset_accuracy", "val_hamming_loss": "hamming_loss"},
+}
+
+
 def _show_run(result: dict[str, Any], fmt: TableOrJson) -> None:
     m = result["metrics"]
     best = str(Path(result["run_dir"]) / "best.pt")
+    task = m.get("task", "single-label")
     summary = {
         "run_dir": result["run_dir"],
         "best_checkpoint": best,
+        "task": task,
         "best_epoch": m.get("best_epoch"),
         "epochs_run": m.get("epochs_run"),
-        "val_accuracy": m.get("accuracy"),
-        "val_balanced_accuracy": m.get("balanced_accuracy"),
-        "val_macro_f1": m.get("macro_f1"),
+        **{key: m.get(source) for key, source in SUMMARY_METRICS[task].items()},
         "temperature": m.get("temperature"),
         "val_ece": m.get("ece"),
         "val_ece_before_temperature": m.get("ece_before_temperature"),
@@ -226,6 +248,7 @@ Examples:
     rescli lr-find ./images --weights none --img-size 32 --output curve.png
     LR=$(rescli lr-find ./images --format json | jq .suggested_lr); rescli finetune ./images --lr $LR
     rescli finetune ./images --lr auto               # the same test, run inside finetune
+    rescli lr-find labels.csv --multi-label          # a multi-label table: the test with its loss
 
 Give it the --weights, --strategy, --batch-size and --augment you will train with. With pretrained
 weights the backbone is frozen during the test (only the head trains, as in the first epoch of
@@ -260,6 +283,10 @@ def lr_find(
     precision: Precision = "auto",
     output: Annotated[Path, typer.Option(
         "--output", "-o", help="Where to save the loss-vs-LR plot.")] = Path("lr_find.png"),
+    multi_label: MultiLabel = False,
+    label_sep: LabelSep = " ",
+    path_column: PathColumn = None,
+    label_column: LabelColumn = None,
     fmt: OutputFormat = TableOrJson.table,
 ) -> None:
     """Learning-rate range test: train briefly with a rising LR, print the suggested rate, save the curve."""
@@ -272,6 +299,7 @@ def lr_find(
         data_dir=str(data_dir), arch=chosen_arch, arch_kwargs=arch_kwargs, weights=weights, strategy=strategy,
         batch_size=batch_size, img_size=img_size, weight_decay=weight_decay, label_smoothing=label_smoothing,
         augment=augment, val_split=val_split, seed=seed, workers=workers, device=device, precision=precision,
+        multi_label=multi_label, label_sep=label_sep, path_column=path_column, label_column=label_column,
     )
     result = find_lr(settings, output=output, start_lr=start_lr, end_lr=end_lr, num_steps=steps)
     if fmt == TableOrJson.json:
