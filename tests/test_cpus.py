@@ -40,6 +40,22 @@ def test_another_cpu_bound_process_is_seen(competitor):
     assert busy_cpus(0.3) >= 0.5
 
 
+def test_a_burst_of_load_gone_at_the_second_look_changes_nothing(monkeypatch):
+    import rescli.core.cpus as cpus
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", cpus.ADAPT_ENV)}
+    monkeypatch.setattr(os, "environ", env)
+    monkeypatch.setattr(sys, "modules", {k: v for k, v in sys.modules.items() if k != "torch"})
+    monkeypatch.setattr(cpus, "available_cpus", lambda: 2)
+    readings = iter([1.2, 0.1])  # busy at the first look, quiet at the second
+    monkeypatch.setattr(cpus, "busy_cpus", lambda seconds: next(readings))
+    assert cpus.adapt_to_load().threads is None and "OMP_NUM_THREADS" not in env
+    readings = iter([1.2, 0.9])  # a job still holding a core
+    monkeypatch.setattr(cpus, "busy_cpus", lambda seconds: next(readings))
+    plan = cpus.adapt_to_load()
+    assert plan.threads == 1 and plan.busy == 0.9 and env["OMP_NUM_THREADS"] == "1"
+
+
 def _adapt_in_a_fresh_process(env: dict) -> list[str]:
     code = ("import os; from rescli.core.cpus import adapt_to_load; p = adapt_to_load(); "
             "print(os.environ.get('OMP_NUM_THREADS')); print(os.environ.get('OMP_WAIT_POLICY'))")

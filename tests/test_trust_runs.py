@@ -255,6 +255,30 @@ def test_a_run_folder_in_use_is_refused_and_unrelated_folders_are_not_overwritte
     assert res.code == 1 and "being written by another rescli process" in res.err
 
 
+def test_a_run_that_fails_before_training_leaves_no_folder_and_the_same_command_then_works(cli, tmp_path,
+                                                                                        monkeypatch):
+    data = make_class_folder(tmp_path / "data", per_class=6, size=16)
+    (data / "red" / "broken.jpg").write_bytes(b"not a picture")  # the scan writes skipped.txt
+    not_weights = tmp_path / "weights.pt"
+    not_weights.write_text("no checkpoint")  # fails at the start weights, after the scan
+    out = tmp_path / "out"
+    res = cli("finetune", data, *TINY, "--epochs", "1", "--weights", not_weights, "--output", out)
+    assert res.code == 1 and str(not_weights) in res.err
+    assert not out.exists()
+    res = cli("finetune", data, *TINY, "--epochs", "1", "--output", out)
+    assert res.code == 0, res.err
+    assert (out / "best.pt").is_file() and "broken.jpg" in (out / "skipped.txt").read_text()
+
+    monkeypatch.chdir(tmp_path)  # the default runs/runN: gone too, so `latest` is never a run without a model
+    res = cli("finetune", data, *TINY, "--epochs", "1", "--weights", not_weights)
+    assert res.code == 1 and not list((tmp_path / "runs").glob("run*"))
+
+    mine = tmp_path / "empty"
+    mine.mkdir()  # a folder the user made stays, emptied of what the run wrote
+    res = cli("finetune", data, *TINY, "--epochs", "1", "--weights", not_weights, "--output", mine)
+    assert res.code == 1 and mine.is_dir() and list(mine.iterdir()) == []
+
+
 def test_temp_files_left_by_a_killed_write_are_removed(cli, tmp_path):
     data = make_class_folder(tmp_path / "data", per_class=6, size=16)
     train(data, tmp_path / "run")

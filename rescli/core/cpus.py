@@ -67,6 +67,10 @@ def _cpu_times(cpus: set[int] | None) -> tuple[int, int] | None:
     return idle, total
 
 
+BUSY_FROM = 0.5  # CPUs that other programs keep busy, from which the threads adapt (plan_threads says why)
+CONFIRM_SECONDS = 0.3  # the second look's length, taken only when the first saw the machine busy
+
+
 def busy_cpus(seconds: float = 0.1) -> float | None:
     """How many of this process's CPUs other programs kept busy over the last ``seconds`` (this one sleeps)."""
     try:
@@ -105,7 +109,7 @@ def plan_threads(*, cpus: int, busy: float | None) -> ThreadPlan:
     threads ride out; more is a job that holds a core, and torch's default of one thread per core then
     makes every parallel region wait for the thread that shares its core with that job.
     """
-    if busy is None or busy < 0.5:
+    if busy is None or busy < BUSY_FROM:
         return ThreadPlan(None, False, busy, cpus)
     return ThreadPlan(max(1, int(cpus - busy + 0.5)), True, busy, cpus)
 
@@ -121,7 +125,14 @@ def adapt_to_load(*, sample_seconds: float = 0.1) -> ThreadPlan | None:
         return None
     if "OMP_NUM_THREADS" in os.environ:
         return None
-    plan = plan_threads(cpus=available_cpus(), busy=busy_cpus(sample_seconds))
+    busy = busy_cpus(sample_seconds)
+    if busy is not None and busy >= BUSY_FROM:
+        # A second, longer look: a burst (the kernel writing back a previous step's files, a process exiting) is
+        # gone by then, and would otherwise halve this run's threads for its whole length; a job holding a core
+        # is still there. The lower reading decides.
+        again = busy_cpus(CONFIRM_SECONDS)
+        busy = min(busy, again) if again is not None else busy
+    plan = plan_threads(cpus=available_cpus(), busy=busy)
     if plan.threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(plan.threads)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -16,6 +16,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -29,6 +30,7 @@ from rescli.evaluation.evaluate import EvalResult
 from rescli.inference.predictor import torch_logits_fn
 from rescli.models.registry import create_model
 from rescli.train.distributed import (
+    DistContext,
     all_reduce_sum,
     any_rank,
     backend,
@@ -56,6 +58,7 @@ from rescli.train.interrupts import Interrupted, StopFlag
 from rescli.train.lr_find import auto_lr
 from rescli.train.prepare import (
     Run,
+    RunStart,
     attach_image_caches,
     checked_index,
     describe_run,
@@ -65,7 +68,7 @@ from rescli.train.prepare import (
     start_weights,
 )
 from rescli.train.records import RunRecords
-from rescli.train.run_folder import data_record, write_history
+from rescli.train.run_folder import abandon_unstarted_run, data_record, write_history
 from rescli.train.schedule import Plan, epoch_order
 from rescli.train.settings import (
     LR_AUTO,
@@ -125,7 +128,18 @@ def _prepare(
         check_batch_size(s.batch_size, ctx.world_size)
     if s.sync_bn:
         check_sync_bn(True, resolve_device(device))
+    made_here = start.run_dir is None and (output is None or not Path(output).expanduser().exists())
     run_dir = open_run_folder(ctx, start, output=output, holds=holds)
+    try:
+        return _prepare_in(run_dir, start=start, ctx=ctx, device=device)
+    except BaseException:
+        if start.run_dir is None and ctx.is_main:  # a new run that never trained leaves no folder to trip over
+            abandon_unstarted_run(run_dir, created=made_here)
+        raise
+
+
+def _prepare_in(run_dir: Path, *, start: RunStart, ctx: DistContext, device: Any) -> Run:
+    s = start.settings
     seed_everything(s.seed)
 
     # Data: scan and check every image once (cached), split, report what was left out. Distributed: rank 0

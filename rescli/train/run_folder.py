@@ -141,6 +141,27 @@ def remove_stale_temps(folder: Path) -> list[str]:
     return removed
 
 
+# What a new run writes into its folder before training starts (its scan's skipped list, an --lr auto curve).
+PREPARATION_FILES = ("skipped.txt", "lr_find.png")
+
+
+def abandon_unstarted_run(run_dir: Path, *, created: bool) -> None:
+    """A new run that failed before training started (weights that cannot be had, a folder with no validation
+    image, an interrupt): remove what it wrote, and the folder if this run made it, so that the same command, run
+    again once the cause is fixed, is not refused for a folder that holds no run."""
+    for name in PREPARATION_FILES:
+        try:
+            (run_dir / name).unlink()
+        except OSError:
+            pass
+    remove_stale_temps(run_dir)
+    if created:
+        try:
+            run_dir.rmdir()  # only when empty: whatever else is there stays
+        except OSError:
+            pass
+
+
 def open_new_run(output: str | os.PathLike | None, *, data_dir: str | os.PathLike) -> tuple[Path, RunFolderLock]:
     """The folder of a new run, locked: --output (new, or empty), else the next runs/runN; never inside ``data_dir``
     (a label table's: the folder holding it).
