@@ -12,7 +12,8 @@ Steps, each a child process running the rescli CLI as a user would:
   3. `rescli export --to openvino-int8` and `--to onnx-int8`: the check on the validation split (label agreement,
      accuracy of both, the largest score difference) as the export prints it
   4. `rescli bench MODEL DATA`: img/s per engine end to end from the JPEGs and model-only on in-memory tensors,
-     ratios against today's default predict (bf16 where the CPU has it, fp32 elsewhere), from the same run
+     ratios against today's default predict (bf16 where the CPU has it, fp32 elsewhere), from the same run (medians of
+     3 rounds each, with the spread)
   5. `rescli predict --model model.int8.xml` over N and 4N inputs: peak memory (max RSS) must stay flat
 Then the targets: int8 end to end >= 3x default (resnet50) or >= 2.5x (resnet18), int8 end to end >= 0.85 of its
 model-only bound, agreement >= 99 % and accuracy drop <= 0.5 points, peak memory flat. It prints figures and
@@ -112,14 +113,18 @@ def _report(args: argparse.Namespace, benched: dict[str, Any], checks: dict[str,
     cpu = benched["cpu"]
     print(f"{cpu['name']} ({', '.join(cpu['features'])}), {cpu['cpus']} CPU(s), {cpu['threads']} thread(s); "
           f"{benched['arch']}, {benched['img_size']} px, {benched['images']} images, batch {benched['batch_size']}")
-    print(f"{'engine':<26}{'e2e img/s':>11}{'x default':>11}{'model img/s':>13}{'e2e/model':>11}{'agree':>8}")
+    print(f"{'engine':<26}{'e2e img/s':>11}{'(spread)':>14}{'x default':>11}{'model img/s':>13}{'e2e/model':>11}"
+          f"{'agree':>8}")
     rows = {row["engine"]: row for row in benched["rows"]}
     for row in benched["rows"]:
         name = row["engine"] + (f" ({row['precision']})" if "precision" in row else "")
         if "skipped" in row:
             print(f"{name:<26}skipped: {row['skipped']}")
             continue
-        print(f"{name:<26}{row['end_to_end_img_s']:>11.1f}{row['vs_default']:>11.2f}{row['model_only_img_s']:>13.1f}"
+        low, high = row["end_to_end_spread"]
+        spread = f"({low:.0f}-{high:.0f})"
+        print(f"{name:<26}{row['end_to_end_img_s']:>11.1f}{spread:>14}{row['vs_default']:>11.2f}"
+              f"{row['model_only_img_s']:>13.1f}"
               f"{row['of_model_bound']:>11.2f}{100 * row['agreement']:>7.1f}%")
     print("\nexport checks on the validation split:")
     for fmt, check in checks.items():

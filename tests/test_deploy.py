@@ -297,5 +297,8 @@ def test_bench_times_each_engine_and_skips_the_missing(trained_run, monkeypatch)
     for name in ("default", "torch-fp32", "onnxruntime-int8"):
         row = rows[name]
         assert row["end_to_end_img_s"] > 0 and row["model_only_img_s"] > 0 and row["agreement"] == 1.0
+        for what in ("end_to_end", "model_only"):  # the median of the rounds, between their extremes
+            low, high = row[f"{what}_spread"]
+            assert low <= row[f"{what}_img_s"] <= high
     assert rows["default"]["vs_default"] == 1.0
     assert "pip install 'rescli[openvino]'" in rows["openvino-fp32"]["skipped"]

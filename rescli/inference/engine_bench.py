@@ -1,17 +1,19 @@
 """rescli bench: images/s of a checkpoint in every engine and precision this machine has, on the user's own images.
 
 For each engine the checkpoint is converted in a temporary folder (int8: calibrated on the images given), then
-timed twice: end to end (``predict``'s own stream: decode threads, batches, result rows, from the files) and
-model-only (forward passes on the same images decoded once, in memory), after one warm-up batch (so a compile
-is not timed; its cost is ``setup_s``). Each row also gives the share of images labelled as the checkpoint's
-fp32 network labels them. Ratios are against today's default predict (torch eager, bf16 where the CPU has it,
-fp32 elsewhere), from the same run. Figures only: nothing here decides anything.
+timed in rounds (medians, with the spread): end to end (``predict``'s own stream: decode threads, batches, result
+rows, from the files) and model-only (forward passes on the same images decoded once, in memory), after a warm-up
+batch and a short warm-up stream (so a compile or the decode threads' start is not timed; the cost is ``setup_s``).
+Each row also gives the share of images labelled as the checkpoint's fp32 network labels them. Ratios are against
+today's default predict (torch eager, bf16 where the CPU has it, fp32 elsewhere), from the same run. Figures only:
+nothing here decides anything.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +39,9 @@ from rescli.models.checkpoint import load_checkpoint, model_from_checkpoint
 ENGINES = ("torch-fp32", "torch-bf16", "torch-compiled", "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32",
            "openvino-bf16", "openvino-int8")
 
+
+#: Rounds of each timing; the figures are their medians (a single pass moved by 10-30 % on a shared machine).
+ROUNDS = 3
 
 #: The first row: what predict does today with a checkpoint (torch eager, bf16 where the CPU has it, else fp32).
 DEFAULT_ENGINE = "default"
@@ -217,20 +222,34 @@ _BUILDERS: dict[str, Callable[..., Predictor]] = {
 
 def _measure(name: str, built: _Build, paths: Sequence[str], decoded: Sequence[torch.Tensor], reference: torch.Tensor,
              *, batch_size: int, workers: int) -> dict[str, Any]:
-    """Model-only and end-to-end img/s of one engine, and its label agreement with the checkpoint's fp32 network."""
+    """Model-only and end-to-end img/s of one engine (medians of ROUNDS, with their spread), and its label
+    agreement with the checkpoint's fp32 network."""
     predictor = built.predictor
     batches = _batches(decoded, batch_size)
     warm = time.perf_counter()
     predictor.logits(batches[0])  # a compile, a first allocation: setup, not throughput
+    # and one stream over a few files: the decode threads' first start is not the engine's throughput either
+    _stream(paths[: 2 * batch_size], predictor=predictor, batch_size=batch_size, workers=workers)
     setup = built.setup_s + time.perf_counter() - warm
-    started = time.perf_counter()
-    labels = torch.cat([predictor.logits(b).argmax(1) for b in batches])
-    model_s = time.perf_counter() - started
-    started = time.perf_counter()
+    model_rates, stream_rates = [], []
+    for _ in range(ROUNDS):
+        started = time.perf_counter()
+        labels = torch.cat([predictor.logits(b).argmax(1) for b in batches])
+        model_rates.append(len(decoded) / (time.perf_counter() - started))
+        started = time.perf_counter()
+        rows = _stream(paths, predictor=predictor, batch_size=batch_size, workers=workers)
+        stream_rates.append(rows / (time.perf_counter() - started))
+    return {"engine": name, "setup_s": setup, "model_only_img_s": statistics.median(model_rates),
+            "end_to_end_img_s": statistics.median(stream_rates),
+            "model_only_spread": [min(model_rates), max(model_rates)],
+            "end_to_end_spread": [min(stream_rates), max(stream_rates)],
+            "agreement": float((labels == reference).float().mean())}
+
+
+def _stream(paths: Sequence[str], *, predictor: Predictor, batch_size: int, workers: int) -> int:
+    """predict's own stream over ``paths``: the rows it gave."""
     rows = 0
     for batch in predict_batches(paths, predictor=predictor, batch_size=batch_size, workers=workers,
                                  jpeg_device=None):
         rows += len(batch)
-    end_to_end_s = time.perf_counter() - started
-    return {"engine": name, "setup_s": setup, "model_only_img_s": len(decoded) / model_s,
-            "end_to_end_img_s": rows / end_to_end_s, "agreement": float((labels == reference).float().mean())}
+    return rows
