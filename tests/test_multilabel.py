@@ -179,6 +179,7 @@ def test_an_export_carries_the_task_and_thresholds_and_predicts_the_same_labels(
     out = tmp_path / f"model{suffix}"
     res = cli("export", multi_run / "best.pt", "--to", fmt, "--output", out)
     assert res.code == 0, res.err
+    assert "random images only" not in res.err  # checked on the table's validation rows
     from rescli.inference.load import load_predictor
 
     predictor = load_predictor(out, device="cpu", precision="fp32")
@@ -190,6 +191,25 @@ def test_an_export_carries_the_task_and_thresholds_and_predicts_the_same_labels(
     from_export = cli("predict", *images, "--model", out, *args)
     assert from_export.code == 0, from_export.err
     assert from_export.out == from_checkpoint.out
+
+
+@pytest.mark.parametrize("fmt,suffix,needs", [("onnx-int8", ".onnx", "onnxruntime"),
+                                              ("openvino-int8", ".xml", "openvino")])
+def test_an_int8_export_is_checked_label_by_label_on_the_validation_rows(cli, multi_run, table, tmp_path, fmt,
+                                                                         suffix, needs):
+    pytest.importorskip(needs)
+    out = tmp_path / f"model{suffix}"
+    res = cli("export", multi_run / "best.pt", "--to", fmt, "--output", out, "--print", "json",
+              "--min-agreement", "0", "--max-drop", "100")  # the figures of a tiny model, whatever they are
+    assert res.code == 0, res.err
+    check = json.loads(res.out)["deployment"]["check"]
+    val_rows = len(load_checkpoint(multi_run / "best.pt")["data"]["splits"]["val"]["paths"])
+    assert check["images"] == val_rows and check["agreement_of"] == "label decisions (image x label)"
+    assert 0 <= check["identical_label_sets"] <= check["agreement"] <= 1
+    assert 0 <= check["accuracy_export"] <= 1 and 0 <= check["accuracy_checkpoint"] <= 1
+    rows = cli("predict", *sorted((table.parent / "images").glob("*.png"))[:3], "--model", out, "--format", "jsonl")
+    assert rows.code == 0, rows.err
+    assert all(set(json.loads(line)) >= {"labels", "scores"} for line in rows.out.splitlines())
 
 
 def test_resume_of_an_interrupted_multi_label_run_keeps_its_split_and_finishes(table, tmp_path):

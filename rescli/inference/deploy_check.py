@@ -19,11 +19,12 @@ from rescli.core import events
 from rescli.core.errors import RescliError, UsageError
 from rescli.data.images import load_rgb
 from rescli.data.loading import ImageSamples, make_loader
+from rescli.data.tasks import MULTI, Label, task_named
 from rescli.data.transforms import build_transform
 from rescli.inference.inputs import BadInput, iter_input_paths
 from rescli.inference.predictor import Predictor
 
-Sample = tuple[str, int]
+Sample = tuple[str, Label]  # (path, label as its task holds it: a class index, or an image's class indices)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ def validation_samples(ckpt: dict[str, Any]) -> tuple[list[Sample], str] | None:
     root = record.get("root")
     if not root or not val.get("paths") or not Path(root).is_dir():
         return None
-    samples = [(str(Path(root) / rel), int(y)) for rel, y in zip(val["paths"], val["labels"])]
+    task = task_named(ckpt.get("task"))
+    samples = [(str(Path(root) / rel), task.from_record(y)) for rel, y in zip(val["paths"], val["labels"])]
     return samples, f"the validation split of {root}"
 
 
@@ -96,31 +98,52 @@ def compare(reference: Predictor, export: Predictor, *, samples: Sequence[Sample
             batch_size: int = 32) -> dict[str, Any]:
     """The export against ``reference`` (the checkpoint's network) on ``samples``: label agreement, the accuracy of
     each (when ``labelled``), and the largest difference of any calibrated score; images that cannot be read are
-    counted and left out."""
-    dataset = ImageSamples(list(samples), reference.transform(), draft_size=reference.img_size)
-    agree = right_reference = right_export = seen = 0
+    counted and left out.
+
+    Multi-label: agreement and accuracy count (image, label) decisions at the checkpoint's thresholds, as
+    hamming loss does (an image holds one decision per label, and one score near its threshold would otherwise
+    count the other nine as disagreeing too); ``identical_label_sets`` is the share of images whose whole set of
+    labels is the checkpoint's."""
+    multi = reference.task is MULTI
+    dataset = ImageSamples(list(samples), reference.transform(), draft_size=reference.img_size,
+                           task=reference.task, n_classes=len(reference.classes))
+    thresholds = torch.tensor(reference.thresholds or [0.5] * len(reference.classes))
+    agree = right_reference = right_export = seen = decisions = identical = 0
     worst = 0.0
     with events.counting("checking the export", len(samples)) as advance:
         for batch in make_loader(dataset, batch_size=batch_size, shuffle=False, workers=0):
             if not batch.labels.numel():
                 continue
-            ref, got = reference.logits(batch.images), export.logits(batch.images)
-            ref_label, got_label = ref.argmax(1), got.argmax(1)
-            agree += int((ref_label == got_label).sum())
-            right_reference += int((ref_label == batch.labels).sum())
-            right_export += int((got_label == batch.labels).sum())
-            scores = [torch.softmax(x.float() / reference.temperature, dim=1) for x in (ref, got)]
+            ref, got = reference.logits(batch.images).float(), export.logits(batch.images).float()
+            if multi:
+                scores = [torch.sigmoid(x / reference.temperature) for x in (ref, got)]
+                ref_label, got_label = (scores[0] >= thresholds), (scores[1] >= thresholds)
+                truth = batch.labels >= 0.5
+                agree += int((ref_label == got_label).sum())
+                identical += int((ref_label == got_label).all(dim=1).sum())
+                right_reference += int((ref_label == truth).sum())
+                right_export += int((got_label == truth).sum())
+                decisions += truth.numel()
+            else:
+                scores = [torch.softmax(x / reference.temperature, dim=1) for x in (ref, got)]
+                ref_label, got_label = ref.argmax(1), got.argmax(1)
+                agree += int((ref_label == got_label).sum())
+                right_reference += int((ref_label == batch.labels).sum())
+                right_export += int((got_label == batch.labels).sum())
+                decisions += len(batch.labels)
             worst = max(worst, float((scores[0] - scores[1]).abs().max()))
             seen += len(batch.labels)
             for _ in range(len(batch.labels) + len(batch.failures)):
                 advance()
     if not seen:
         raise RescliError(f"none of the {len(samples)} check image(s) could be read (the first: {samples[0][0]})")
-    result: dict[str, Any] = {"images": seen, "unreadable": len(samples) - seen, "agreement": agree / seen,
+    result: dict[str, Any] = {"images": seen, "unreadable": len(samples) - seen, "agreement": agree / decisions,
                               "max_score_difference": worst}
+    if multi:
+        result.update(agreement_of="label decisions (image x label)", identical_label_sets=identical / seen)
     if labelled:
-        result.update(accuracy_checkpoint=right_reference / seen, accuracy_export=right_export / seen,
-                      accuracy_drop_points=100.0 * (right_reference - right_export) / seen)
+        result.update(accuracy_checkpoint=right_reference / decisions, accuracy_export=right_export / decisions,
+                      accuracy_drop_points=100.0 * (right_reference - right_export) / decisions)
     return result
 
 

@@ -16,7 +16,7 @@ from rescli.core.errors import RescliError, UsageError
 from rescli.data.images import load_rgb
 from rescli.data.transforms import build_transform, to_model_input
 from rescli.inference.checked_export import CHECKED_FORMATS, Calibration, export_checked
-from rescli.inference.deploy_check import Limits
+from rescli.inference.deploy_check import Limits, validation_samples
 from rescli.inference.export_format import export_metadata
 from rescli.inference.inputs import iter_input_paths
 from rescli.inference.lookup import model_kind, run_folder_to_file
@@ -139,9 +139,12 @@ def _check_parity(net: torch.nn.Module, predictor: Predictor, *, ckpt: dict[str,
 def _real_batch(check_images: Sequence[str] | None, ckpt: dict[str, Any]) -> torch.Tensor | None:
     """A few real images: the ones given, else some from the folder the model was trained on (if still there)."""
     sources = list(check_images or [])
-    if not sources:
+    if not sources:  # the validation split it recorded (a folder's or a label table's), else its data folder
+        val = validation_samples(ckpt)
         data_dir = ckpt.get("settings", {}).get("data_dir")
-        if data_dir and Path(data_dir).is_dir():
+        if val is not None:
+            sources = [path for path, _ in val[0][:64]]
+        elif data_dir and Path(data_dir).is_dir():
             sources = [data_dir]
     if not sources:
         return None

@@ -257,7 +257,7 @@ def export(
     if "parity" in result:
         console.warn(result["parity"])
     elif "max_abs_diff_real" not in result and "deployment" not in result:
-        console.warn("parity checked on random images only: the training folder is gone; pass --check-images "
+        console.warn("parity checked on random images only: the training images are gone; pass --check-images "
                      "FOLDER to check real ones")
     if deprecated_format is not None:  # said last: a failed export still ends with its one line of error
         console.warn(f"export --format is now --to (--to {to.value}); --format will go in a later version")
@@ -293,7 +293,9 @@ def _check_lines(deployment: dict[str, Any]) -> list[str]:
         lines.append(f"int8 calibrated on {quantisation['calibration_images']} images of "
                      f"{quantisation['calibration_source']}")
     lines.append(f"checked on {check['images']} {check['on']}:")
-    lines.append(f"  label agreement with the checkpoint: {100 * check['agreement']:.2f}%")
+    lines.append(f"  label agreement with the checkpoint: {100 * check['agreement']:.2f}%"
+                 + (f" of {check['agreement_of']}; identical label sets {100 * check['identical_label_sets']:.2f}%"
+                    if "agreement_of" in check else ""))
     if "accuracy_export" in check:
         lines.append(f"  accuracy: checkpoint {100 * check['accuracy_checkpoint']:.2f}%, export "
                      f"{100 * check['accuracy_export']:.2f}% ({check['accuracy_drop_points']:+.2f} points lost)")
