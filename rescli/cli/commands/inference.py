@@ -56,7 +56,7 @@ Exit status: 0 all inputs labelled, 1 some input failed (its row has an error fi
 Inputs = Annotated[list[str], typer.Argument(
     help="Image files, folders (recursive), quoted globs, '-' for paths on stdin, @LIST for a file of paths.")]
 PredictModel = Annotated[Optional[str], typer.Option("--model", "-m", help=(
-    "Checkpoint, run folder or export (.ts, .onnx) [default: $RESCLI_MODEL, else the newest runs/*/best.pt]. "
+    "Checkpoint, run folder or export (.ts, .onnx, .xml) [default: $RESCLI_MODEL, else the newest runs/*/best.pt]. "
     + TRUST_NOTE))]
 TopK = Annotated[int, typer.Option("--top-k", "-k", help="How many labels to report per image (the topk field).")]
 PredictFormatOption = Annotated[PredictFormat, typer.Option(
