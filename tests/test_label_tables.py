@@ -191,6 +191,18 @@ def test_a_label_only_in_validation_rows_is_refused_by_its_row(tmp_path):
         scan_dataset(table)
 
 
+def test_a_multi_label_table_read_as_single_label_is_refused_with_the_flag_to_pass(tmp_path):
+    table = make_single_label_table(tmp_path / "d", per_class=3)
+    lines = table.read_text().splitlines()
+    combos = ["cat dog", "dog fox", "cat fox", "cat dog fox", "owl"]
+    rows = [[line.split(",")[0], combos[i % len(combos)], "train"] for i, line in enumerate(lines[1:])]
+    rows[-1][1:] = ["fox cat", "val"]  # a combination no training row has, as a class of its own
+    table = write_table(tmp_path / "d" / "m.csv", ["path", "labels", "split"], rows)
+    with pytest.raises(RescliError, match=r"line \d+: label 'fox cat' of a val row is in no training row.*"
+                                          r"pass --multi-label"):
+        scan_dataset(table)
+
+
 def test_relative_table_paths_work_from_anywhere(cli, tmp_path):
     table = make_single_label_table(tmp_path / "d", per_class=4)
     os.makedirs(tmp_path / "w")

@@ -212,6 +212,24 @@ def test_an_int8_export_is_checked_label_by_label_on_the_validation_rows(cli, mu
     assert all(set(json.loads(line)) >= {"labels", "scores"} for line in rows.out.splitlines())
 
 
+def test_explain_maps_each_predicted_label_with_the_score_predict_gives(cli, multi_run, table, tmp_path):
+    images = sorted((table.parent / "images").glob("*.png"))[:6]
+    predicted = cli("predict", *images, "--model", multi_run / "best.pt", "--format", "jsonl", "--precision", "fp32")
+    explained = cli("explain", multi_run / "best.pt", *images, "-o", tmp_path / "maps", "--format", "jsonl")
+    assert predicted.code == 0 and explained.code == 0, explained.err
+    rows: dict[str, dict[str, float]] = {}
+    for line in explained.out.splitlines():
+        row = json.loads(line)
+        rows.setdefault(row["path"], {})[row["label"]] = row["score"]
+    for line in predicted.out.splitlines():
+        want = json.loads(line)
+        got = rows[want["path"]]
+        likeliest = max(want["scores"], key=want["scores"].get)
+        assert set(got) == (set(want["labels"]) or {likeliest})  # sigmoid scores over the tuned thresholds
+        for label, score in got.items():
+            assert abs(score - want["scores"][label]) < 1e-3, (label, score, want["scores"][label])
+
+
 def test_resume_of_an_interrupted_multi_label_run_keeps_its_split_and_finishes(table, tmp_path):
     settings = TrainSettings(data_dir=str(table), arch="resnet20", weights="none", img_size=24, epochs=2,
                              batch_size=8, workers=0, precision="fp32", multi_label=True, label_sep=" ")

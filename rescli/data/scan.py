@@ -181,9 +181,11 @@ def _table_samples(index: DatasetIndex) -> dict[str, list[Sample]]:
     labelled: dict[str, list[Sample]] = {"train": []}
     for row in index.rows:
         unknown = [name for name in row.labels if name not in lookup]
-        if unknown:
+        if unknown:  # with the multi-label hint where the classes look like lists: the likelier cause then
+            hint = "".join(f"; {text}" for text in _looks_multi_label(index))
             raise RescliError(f"{table}, line {row.line}: label {shown_name(unknown[0])!r} of a {row.split} row is "
-                              f"in no training row (the model could never predict it); add training rows for it")
+                              f"in no training row (the model could never predict it); add training rows for it"
+                              f"{hint}")
         labelled.setdefault(row.split or "train", []).append(
             (row.path, index.task.from_indices([lookup[name] for name in row.labels])))
     index.warnings += _looks_multi_label(index)

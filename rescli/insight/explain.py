@@ -14,6 +14,7 @@ import torch
 from rescli.core.errors import UsageError
 from rescli.core.fileio import atomic_path
 from rescli.core.paths import refuse_inside_data
+from rescli.data.tasks import MULTI
 from rescli.insight.batches import Item, decoded_batches, picture_loader
 from rescli.insight.cam import activation_maps, check_method, overlay, peak_xy
 from rescli.insight.network import StagedNet
@@ -53,8 +54,8 @@ def _explain(items: list[Item], *, net: StagedNet, out: Path, names: OverlayName
         with torch.no_grad(), net.runtime.autocast():
             maps = net.explained_maps(net.inputs(torch.stack([items[i][1][1] for i in good])))
         with torch.no_grad():
-            probs = torch.softmax(net.explained_head(maps.float()).float() / temperature, dim=1).cpu()
-        targets = [list(wanted) if wanted is not None else predicted_labels(p) for p in probs]
+            probs = net.probabilities(net.explained_head(maps.float()), temperature=temperature).cpu()
+        targets = [list(wanted) if wanted is not None else predicted_labels(p, net=net) for p in probs]
         cams = activation_maps(maps, net.explained_head, targets, method=method)
         for i, image_targets, image_cams, p in zip(good, targets, cams, probs):
             path, (picture, _), _ = items[i]
@@ -79,12 +80,15 @@ def _row(path: str, picture: Any, cam: torch.Tensor, *, label: str, score: float
     return {"path": path, "label": label, "score": round(score, 6), "overlay": str(target), "peak_xy": peak}
 
 
-def predicted_labels(probs: torch.Tensor) -> list[int]:
-    """The labels a single-label model predicts for one image: its top class.
-
-    A multi-label model (issue #15) predicts every label over its threshold; its rule goes here, and each of
-    those labels gets its own map and row.
-    """
+def predicted_labels(probs: torch.Tensor, *, net: StagedNet) -> list[int]:
+    """The labels the model predicts for one image, as predict decides them: its top class, or (multi-label) every
+    label at or over its threshold, each explained in its own map and row. An image with no label over its
+    threshold gets the map of its likeliest one, whose row shows the low score."""
+    if net.task is MULTI:
+        thresholds = torch.tensor(net.thresholds or [0.5] * len(probs))
+        chosen = torch.nonzero(probs >= thresholds).flatten().tolist()
+        if chosen:
+            return [int(k) for k in chosen]
     return [int(probs.argmax())]
 
 

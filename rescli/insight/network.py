@@ -22,6 +22,7 @@ import torch
 
 from rescli.core.errors import RescliError, UsageError
 from rescli.core.runtime import Runtime, select_runtime
+from rescli.data.tasks import MULTI, SINGLE, Task, task_named
 from rescli.data.transforms import to_model_input
 from rescli.inference.lookup import model_kind, run_folder_to_file
 from rescli.inference.torchscript_export import open_torchscript
@@ -52,6 +53,13 @@ class StagedNet:
     source: str
     fingerprint: str  # identifies the weights: embeddings made by one net are compared only with its own
     meta: dict[str, Any] = field(default_factory=dict)
+    task: Task = SINGLE  # what the logits mean: one class (softmax), or any labels (a sigmoid each)
+    thresholds: list[float] | None = None  # multi-label: each class's decision threshold (None: 0.5 each)
+
+    def probabilities(self, logits: torch.Tensor, *, temperature: float) -> torch.Tensor:
+        """Calibrated scores of ``logits`` [B, C] as predict gives them: softmax, or a sigmoid per label."""
+        scaled = logits.float() / temperature
+        return torch.sigmoid(scaled) if self.task is MULTI else torch.softmax(scaled, dim=1)
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B,3,H,W] -> the normalised float batch on the net's device."""
@@ -129,6 +137,8 @@ def open_network(
         img_size=int(meta["img_size"]), mean=list(meta["mean"]), std=list(meta["std"]),
         temperature=float(meta.get("temperature", 1.0)), runtime=runtime, kind=kind, source=str(path),
         fingerprint=file_fingerprint(path), meta={"arch": meta.get("arch"), "data": meta.get("data")},
+        task=task_named(meta.get("task")),
+        thresholds=[float(t) for t in meta["thresholds"]] if meta.get("thresholds") is not None else None,
     )
     check_split(net)
     net.cam_stage = choose_cam_stage(net)
