@@ -180,6 +180,9 @@ def test_an_export_carries_the_task_and_thresholds_and_predicts_the_same_labels(
     res = cli("export", multi_run / "best.pt", "--to", fmt, "--output", out)
     assert res.code == 0, res.err
     assert "random images only" not in res.err  # checked on the table's validation rows
+    described = json.loads(cli("info", out, "--format", "json").out)
+    assert described["task"] == "multi-label"
+    assert described["thresholds"] == load_checkpoint(multi_run / "best.pt")["thresholds"]
     from rescli.inference.load import load_predictor
 
     predictor = load_predictor(out, device="cpu", precision="fp32")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rescli.core.errors import RescliError
+from rescli.data.tasks import SINGLE_LABEL
 from rescli.inference.lookup import model_kind, run_folder_to_file
 from rescli.inference.onnx_export import describe_onnx
 from rescli.inference.openvino_export import describe_openvino
@@ -52,7 +53,9 @@ def _describe_export(path: Path, *, kind: str, size_mb: float) -> dict[str, Any]
         "file": str(path),
         "kind": kind + (f" {deployment['precision']}" if deployment.get("precision") == "int8" else ""),
         "size_mb": size_mb,
+        "task": meta.get("task", SINGLE_LABEL),  # an export from before tasks is single-label
         **{k: meta.get(k) for k in shown},
+        **({"thresholds": meta["thresholds"]} if meta.get("thresholds") is not None else {}),
         # an int8 ONNX file holds its weights as int8, which describe_onnx does not count: the export's record does
         "parameters": deployment.get("parameters", desc["parameters"]),
         "metrics": meta.get("metrics", {}),
