@@ -164,9 +164,15 @@ def load_input(path: str, transform, draft_size: int, *, jpeg_bytes: bool = Fals
             return path, raw, None
     try:
         return path, transform(load_rgb(path, draft_size=draft_size)), None
-    except ImageError as exc:
-        return path, None, exc.reason
-    except RescliError as exc:
-        return path, None, exc.message
     except Exception as exc:  # never let one odd file stop a pipeline over thousands
-        return path, None, f"{type(exc).__name__}: {exc}"
+        return path, None, load_failure(exc)
+
+
+def load_failure(exc: Exception) -> str:
+    """Why an input could not be loaded, as its error row says it: the image's own reason, rescli's message, or
+    the type and text of anything else."""
+    if isinstance(exc, ImageError):
+        return exc.reason
+    if isinstance(exc, RescliError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}"

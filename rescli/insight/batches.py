@@ -10,10 +10,10 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from rescli.core.errors import RescliError, UsageError
-from rescli.data.images import ImageError, load_rgb
+from rescli.core.errors import UsageError
+from rescli.data.images import load_rgb
 from rescli.data.transforms import build_transform
-from rescli.inference.inputs import BadInput
+from rescli.inference.inputs import BadInput, load_failure
 
 #: (path, what was decoded or None, why it failed or None)
 Item = tuple[str, Any, "str | None"]
@@ -59,12 +59,8 @@ def picture_loader(img_size: int, *, draft: bool) -> Callable[[str], Item]:
         try:
             picture = load_rgb(path, draft_size=img_size if draft else None)
             return path, (picture, transform(picture)), None
-        except ImageError as exc:
-            return path, None, exc.reason
-        except RescliError as exc:
-            return path, None, exc.message
         except Exception as exc:  # one odd file must not stop a pipeline over thousands
-            return path, None, f"{type(exc).__name__}: {exc}"
+            return path, None, load_failure(exc)
 
     return load
 
